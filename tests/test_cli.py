@@ -1,0 +1,80 @@
+"""The command line: config files with overrides, the seeds' spellings, outputs a user relies on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vltune.config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+
+GROUPS = (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments)
+
+
+def test_config_file_with_command_line_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train_type: full\nlora_rank: 4\nlearning_rate: 0.002\nnum_train_epochs: 2\n"
+                   "dataset: [a.jsonl, b.jsonl]\n")
+    model, tuner, data, args = parse_args(GROUPS, ["--config", str(cfg), "--learning_rate", "3e-4",
+                                                    "--output_dir", str(tmp_path)])
+    assert tuner.train_type == "full" and tuner.lora_rank == 4
+    assert args.learning_rate == 3e-4 and args.num_train_epochs == 2
+    assert data.dataset == ["a.jsonl", "b.jsonl"]
+
+
+def test_seed_spellings_are_accepted(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"tuner_type": "lora", "lora_r": 16, "use_wandb": True, "num_epochs": 3}))
+    model, tuner, data, args = parse_args(GROUPS, ["--config", str(cfg), "--use_flash_attention", "--device", "auto",
+                                                    "--output_dir", str(tmp_path)])
+    assert tuner.train_type == "lora" and tuner.lora_rank == 16 and args.num_train_epochs == 3
+    assert model.attn_impl == "flash_attention_2" and args.report_to == ["wandb"]
+    _, tuner, _, _ = parse_args(GROUPS, ["--tuner_type", "qlora", "--output_dir", str(tmp_path)])
+    assert tuner.train_type == "qlora"
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"lora_rnak": 8}))
+    with pytest.raises(SystemExit, match="lora_rnak"):
+        parse_args(GROUPS, ["--config", str(cfg)])
+
+
+def test_precision_follows_the_hardware(tmp_path):
+    import torch
+
+    _, _, _, args = parse_args(GROUPS, ["--output_dir", str(tmp_path)])
+    if not torch.cuda.is_available():
+        assert not args.bf16 and not args.fp16 and args.use_cpu
+
+
+def test_sft_runs_offline_with_defaults_and_writes_everything(tmp_path):
+    """`vltune sft --train_type lora --max_steps 5` as a user types it: tiny model + demo data."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "vltune", "sft", "--train_type", "lora", "--max_steps", "5",
+                           "--output_dir", str(out), "--save_steps", "5", "--logging_steps", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "args.json", "train.log", "loss.png",
+                 "trainer_state.json", "data_report.json", "README.md", "checkpoint-5", "chat_template.jinja"):
+        assert (out / name).exists(), name
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard events by default"
+    log = (out / "train.log").read_text()
+    assert "trainable parameters by part" in log and "[preflight]" in log and "'loss'" in log
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["train_type"] == "lora" and saved["max_steps"] == 5
+    # the saved arguments are a valid --config for the next run
+    parse_args(GROUPS, ["--config", str(out / "args.json"), "--output_dir", str(tmp_path / "again")])
+
+
+def test_help_lists_commands_and_arguments():
+    out = subprocess.run([sys.executable, "-m", "vltune", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "sft" in out.stdout and "demo" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "vltune", "sft", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("--train_type", "--lora_rank", "--freeze_vit", "--max_pixels", "--loss_scale", "--strict",
+                 "--resume_from_checkpoint", "--gradient_checkpointing"):
+        assert flag in out.stdout

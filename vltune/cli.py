@@ -1,0 +1,56 @@
+"""The `vltune` command: one entry point, subcommands -> recipes (imported lazily, so --help is fast)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("vltune.recipes.demo", "train the embedded tiny Qwen3-VL on a synthetic click task and show it learns"),
+    "sft": ("vltune.recipes.sft", "supervised fine-tuning of a VLM (lora | qlora | full)"),
+}
+
+USAGE = """usage: vltune <command> [--help] [arguments]
+
+Fine-tune vision-language models on one Hugging Face Trainer engine.
+
+commands:
+{commands}
+
+`vltune <command> --help` lists a command's arguments. Every command runs offline on the
+embedded tiny model when --model is not given.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        width = max(map(len, COMMANDS))
+        print(USAGE.format(commands="\n".join(f"  {k:<{width}}  {v[1]}" for k, v in COMMANDS.items())))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(__version__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"vltune: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    module.main(rest)
+    _teardown_distributed()
+    return 0
+
+
+def _teardown_distributed() -> None:
+    """End DDP runs cleanly: a barrier, then destroy the process group (avoids crashes at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

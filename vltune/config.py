@@ -1,0 +1,308 @@
+"""Typed arguments, config files and the seeds' spellings.
+
+Every command's arguments are dataclasses (model, tuner, data, plus HF
+`TrainingArguments`). They are filled from `--config file.yaml|json` first and
+then from the command line, which wins. Names follow ms-swift; the spellings of
+the seeds' scripts (`--tuner_type`, `--use_flash_attention`, `--use_wandb`,
+`--lora_r`, `--num_epochs`, ...) are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser, TrainingArguments
+
+logger = logging.getLogger("vltune")
+
+
+# ---------------------------------------------------------------- argument groups
+@dataclass
+class ModelArguments:
+    model: str | None = field(default=None, metadata={
+        "help": "Hub id or local directory of the model to fine-tune (loaded with from_pretrained). "
+                "Default: the embedded tiny model of --model_family, built locally (offline)."})
+    model_family: str = field(default="qwen3_vl", metadata={
+        "help": "Family of the embedded tiny model used when --model is not given: qwen3_vl, qwen2_5_vl, qwen2_vl, "
+                "idefics3. With --model, the family is read from the checkpoint's config."})
+    tiny_size: str = field(default="xs", metadata={
+        "help": "Size of the embedded tiny model: xs (~0.3 M params, tests) or s (~2.5 M params, demo)."})
+    torch_dtype: str = field(default="auto", metadata={
+        "help": "auto | bfloat16 | float16 | float32. auto = bfloat16 on a GPU that supports it, float16 on older "
+                "GPUs, float32 on CPU and Apple MPS."})
+    attn_impl: str | None = field(default=None, metadata={
+        "help": "Attention kernel: sdpa | eager | flash_attention_2 | flash_attention_3. Default: transformers' "
+                "choice (sdpa). flash_attention_2 is faster on long sequences and needs the flash-attn package."})
+    device: str = field(default="auto", metadata={
+        "help": "auto | cpu | cuda | mps. auto = cuda if available, else mps, else cpu."})
+    max_pixels: int | None = field(default=None, metadata={
+        "help": "Upper bound on pixels per image after resizing (the main memory knob for VLMs; e.g. 1003520 = "
+                "1280*28*28). Keep it equal at training and inference, or clicks drift."})
+    min_pixels: int | None = field(default=None, metadata={"help": "Lower bound on pixels per image."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the checkpoint."})
+
+
+@dataclass
+class TunerArguments:
+    train_type: str = field(default="lora", metadata={
+        "help": "lora | qlora | full. lora: low-rank adapters on frozen weights (least memory per quality); "
+                "qlora: lora on a 4-bit (bitsandbytes nf4) base, least memory, slower; full: every unfrozen weight."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r: higher = more capacity and memory."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
+        "help": "Modules that get LoRA: all-linear (every linear layer of the unfrozen parts, lm_head excluded), "
+                "module names (q_proj v_proj ...), or one regular expression matched against full module names."})
+    freeze_vit: bool = field(default=True, metadata={"help": "Freeze the vision tower (no LoRA on it either)."})
+    freeze_aligner: bool = field(default=True, metadata={
+        "help": "Freeze the projector/merger between vision tower and LLM."})
+    freeze_llm: bool = field(default=False, metadata={"help": "Freeze the language model."})
+    quant_bits: int = field(default=4, metadata={"help": "Bits of the quantised base for qlora (4)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4 for qlora."})
+    adapters: str | None = field(default=None, metadata={
+        "help": "An existing PEFT adapter directory to continue training from (LoRA only)."})
+
+
+@dataclass
+class DataArguments:
+    dataset: list[str] = field(default_factory=list, metadata={
+        "help": "Training data: ms-swift JSONL, ShareGPT/LLaVA JSON, TRL content-list JSONL, a datasets "
+                "save_to_disk dir or .parquet, or a per-user pickle dir (user_<id>.pkl). Several may be given. "
+                "Default: the demo's synthetic grounding set."})
+    val_dataset: list[str] = field(default_factory=list, metadata={"help": "Validation data, same formats."})
+    split_dataset_ratio: float = field(default=0.0, metadata={
+        "help": "Hold out this fraction of --dataset for validation when --val_dataset is not given."})
+    users: str | None = field(default=None, metadata={
+        "help": "User ids to read from a per-user data set, e.g. '11-83' or '1,3,5-7'."})
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "Allow reading per-user .pkl files. Unpickling runs code from the file: only for data you trust."})
+    max_length: int = field(default=2048, metadata={
+        "help": "Maximum tokens per sample, image tokens included. Longer samples are dropped and counted, never "
+                "truncated (truncation through an image breaks the model's image/token alignment)."})
+    loss_scale: str = field(default="default", metadata={
+        "help": "default: train on every assistant turn; last_round: only the final assistant turn. A message "
+                "with \"loss\": false is never trained."})
+    strict: bool = field(default=False, metadata={
+        "help": "Stop before training if any sample is invalid or over-long, instead of skipping and counting it."})
+    num_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
+
+
+def _default_output_dir() -> str:
+    return "output/sft"
+
+
+@dataclass
+class SFTTrainingArguments(TrainingArguments):
+    """HF TrainingArguments with defaults for VLM fine-tuning (ms-swift-like)."""
+
+    output_dir: str | None = field(default_factory=_default_output_dir, metadata={"help": "Where to write everything."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (1e-4 suits LoRA; ~1e-5 full)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Samples per device per step."})
+    gradient_checkpointing: bool | None = field(default=True, metadata={
+        "help": "Recompute activations in backward: much less memory, ~30% slower. Non-reentrant by default."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=500, metadata={"help": "Save a checkpoint-N every N steps."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+    warmup_steps: float = field(default=0, metadata={"help": "Linear warm-up steps (or a ratio if < 1)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "linear | cosine | constant ..."})
+    report_to: list[str] | None = field(default_factory=lambda: ["tensorboard"], metadata={
+        "help": "tensorboard | wandb | swanlab | none (several allowed)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for the collator."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
+    wandb_project: str | None = field(default=None, metadata={"help": "W&B project (sets WANDB_PROJECT)."})
+
+
+# ---------------------------------------------------------------- seeds' spellings
+# alias -> (canonical name, value transform or None for "same value")
+ALIASES: dict[str, tuple[str, Any]] = {
+    "tuner_type": ("train_type", None),
+    "lora_r": ("lora_rank", None),
+    "num_epochs": ("num_train_epochs", None),
+    "epochs": ("num_train_epochs", None),
+    "batch_size": ("per_device_train_batch_size", None),
+    "lr": ("learning_rate", None),
+    "attn_implementation": ("attn_impl", None),
+    "dtype": ("torch_dtype", None),
+    "model_name_or_path": ("model", None),
+    "model_id": ("model", None),
+    "output": ("output_dir", None),
+}
+FLAG_ALIASES = {
+    # flag -> (canonical name, value when set)
+    "use_flash_attention": ("attn_impl", "flash_attention_2"),
+    "use_wandb": ("report_to", "wandb"),
+    "use_tensorboard": ("report_to", "tensorboard"),
+}
+
+
+def _truthy(v: Any) -> bool:
+    return str(v).lower() in ("1", "true", "yes", "y", "on")
+
+
+def apply_aliases(cfg: dict) -> dict:
+    """Map the seeds' / older ms-swift spellings in a config dict onto our names."""
+    out = {}
+    for key, value in cfg.items():
+        if key in ALIASES:
+            out.setdefault(ALIASES[key][0], value)
+        elif key in FLAG_ALIASES:
+            name, set_value = FLAG_ALIASES[key]
+            if _truthy(value):
+                out[name] = set_value
+        elif key == "use_deepspeed":
+            if _truthy(value):
+                out.setdefault("deepspeed", cfg.get("deepspeed") or "zero2")
+        else:
+            out[key] = value
+    return out
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Rewrite alias flags on the command line (`--tuner_type lora` -> `--train_type lora`)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in ALIASES:
+            out.append(f"--{ALIASES[name][0]}" + (f"={val}" if eq else ""))
+        elif name in FLAG_ALIASES:
+            canon, set_value = FLAG_ALIASES[name]
+            explicit = val if eq else (argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None)
+            if explicit is not None and not eq:
+                i += 1
+            if explicit is None or _truthy(explicit):
+                out += [f"--{canon}", set_value]
+        elif name == "use_deepspeed":
+            explicit = val if eq else (argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None)
+            if explicit is not None and not eq:
+                i += 1
+            if (explicit is None or _truthy(explicit)) and "--deepspeed" not in argv:
+                out += ["--deepspeed", "zero2"]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of argument names to values")
+    # Nested sections ({"model": {...}, "training": {...}}) are flattened.
+    flat: dict = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and k in ("model_args", "tuner", "lora", "data", "training", "train", "args"):
+            flat.update(v)
+        else:
+            flat[k] = v
+    return apply_aliases(flat)
+
+
+# ---------------------------------------------------------------- hardware defaults
+def detect_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested and requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(requested: str, device: str):
+    import torch
+
+    if requested in (None, "", "auto"):
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+    if requested not in table:
+        raise ValueError(f"--torch_dtype must be auto, bfloat16, float16 or float32, got {requested!r}")
+    return table[requested]
+
+
+# ---------------------------------------------------------------- parsing
+def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str = "vltune",
+               description: str | None = None) -> tuple:
+    """Parse `--config file` + command line into the given dataclasses (command line wins).
+
+    Hardware-dependent defaults (bf16/fp16, use_cpu) are set from the machine unless given.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    parser.add_argument("--config", type=str, default=None, help="A YAML or JSON file of arguments; "
+                        "command-line arguments override it.")
+    argv = normalize_argv(argv)
+    pre, _ = parser.parse_known_args(argv)  # only to find --config / --device / --torch_dtype early
+    cfg = load_config_file(pre.config) if pre.config else {}
+    known = {f.name for t in dataclass_types for f in fields(t)}
+    unknown = sorted(set(cfg) - known - {"config"})
+    if unknown:
+        raise SystemExit(f"{prog}: unknown key(s) in {pre.config}: {', '.join(unknown)}")
+
+    defaults = dict(cfg)
+    device = detect_device(str(cfg.get("device", getattr(pre, "device", "auto"))))
+    if any(issubclass(t, TrainingArguments) for t in dataclass_types):
+        dtype_req = str(getattr(pre, "torch_dtype", None) or cfg.get("torch_dtype", "auto"))
+        if "bf16" not in cfg and "fp16" not in cfg and "--bf16" not in argv and "--fp16" not in argv:
+            dtype = resolve_dtype(dtype_req, device)
+            import torch
+
+            defaults.setdefault("bf16", device == "cuda" and dtype == torch.bfloat16)
+            defaults.setdefault("fp16", device == "cuda" and dtype == torch.float16)
+        if device == "cpu":
+            defaults.setdefault("use_cpu", True)
+    parser.set_defaults(**defaults)
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    rest = [r for r in rest if r]
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    return tuple(p for p in parsed if not isinstance(p, type(pre)) and not _is_namespace(p))
+
+
+def _is_namespace(obj) -> bool:
+    import argparse
+
+    return isinstance(obj, argparse.Namespace)
+
+
+def dump_config(objs: tuple, path: str | os.PathLike) -> None:
+    """Write the resolved arguments of every group to one JSON file (reloadable with --config)."""
+    merged: dict = {}
+    for obj in objs:
+        if isinstance(obj, TrainingArguments):
+            d = obj.to_dict()
+        else:
+            d = asdict(obj)
+        merged.update(d)
+    clean = {k: v for k, v in merged.items() if _jsonable(v)}
+    Path(path).write_text(json.dumps(clean, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v, default=str)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,289 @@
+"""Readers for the data layouts users already have, all normalised to `Sample`.
+
+Formats (detected from the file or directory; see `READERS`):
+- ms-swift JSONL: {"messages": [{"role", "content": "<image>text", "loss": false?}], "images": [...]}
+- ShareGPT / LLaVA JSON(L): {"conversations": [{"from": "human"|"gpt"|"system", "value"}], "images"|"image"}
+- TRL content lists: messages whose content is [{"type": "image"}, {"type": "text", "text"}] (+ "images"),
+  also with inline {"type": "image", "image": "path"} parts (seeds/04)
+- HF `datasets`: a `save_to_disk` directory or .parquet files with the columns above
+- per-user pickle directories (seeds/04): user_<id>.pkl, each a list of conversations;
+  read only with `allow_pickle=True` because unpickling runs code.
+
+Image references may be relative to the data file, absolute, base64 data URIs or URLs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import DataError
+
+IMAGE_TAG = "<image>"
+ROLE_ALIASES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+    "model": "assistant", "system": "system", "observation": "user", "tool": "tool",
+}
+KNOWN_COLUMNS = {"messages", "conversations", "images", "image", "videos", "video"}
+
+
+@dataclass
+class Sample:
+    """One conversation in canonical form.
+
+    messages: [{"role": "system"|"user"|"assistant", "content": [{"type": "image"} | {"type": "text", "text": str}],
+                "loss": bool | None}]
+    images:   image references in the order of the image parts
+    where:    "file:line" (or "file[index]") for error messages
+    extra:    every other column (grounding boxes, user id, solution, ...), passed on to rewards and evaluation
+    """
+
+    messages: list[dict]
+    images: list[Any] = field(default_factory=list)
+    where: str = "?"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_image_parts(self) -> int:
+        return sum(1 for m in self.messages for p in m["content"] if p["type"] == "image")
+
+
+# ---------------------------------------------------------------- row normalisation
+def _split_image_tags(text: str) -> list[dict]:
+    parts: list[dict] = []
+    for i, chunk in enumerate(text.split(IMAGE_TAG)):
+        if i > 0:
+            parts.append({"type": "image"})
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return parts
+
+
+def _resolve_ref(ref: Any, base_dir: str | None) -> Any:
+    if isinstance(ref, str) and base_dir and not ref.startswith(("data:", "http://", "https://", "/")):
+        return os.path.normpath(os.path.join(base_dir, ref))
+    if isinstance(ref, dict) and ref.get("path") and not ref.get("bytes"):
+        return _resolve_ref(ref["path"], base_dir)
+    return ref
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def normalize_row(row: dict, base_dir: str | None = None, where: str = "?") -> Sample:
+    """Turn one record of any supported layout into a `Sample` (raises DataError naming `where`)."""
+    if isinstance(row, list):  # a bare list of messages (seeds/04 pickles)
+        row = {"messages": row}
+    if not isinstance(row, dict):
+        raise DataError(f"expected an object per sample, got {type(row).__name__}", where)
+    if "messages" in row:
+        raw_messages = [(m.get("role"), m.get("content"), m) for m in (row["messages"] or [])]
+    elif "conversations" in row:
+        raw_messages = [(m.get("from", m.get("role")), m.get("value", m.get("content")), m)
+                        for m in (row["conversations"] or [])]
+    else:
+        raise DataError("no 'messages' or 'conversations' field", where)
+    images = [_resolve_ref(r, base_dir) for r in _as_list(row.get("images", row.get("image")))]
+    inline_images = []
+    messages = []
+    for i, (role, content, original) in enumerate(raw_messages):
+        role = ROLE_ALIASES.get(str(role).lower()) if role is not None else None
+        if role is None:
+            raise DataError(f"message {i} has an unknown role {original.get('role', original.get('from'))!r}", where)
+        if isinstance(content, str):
+            parts = _split_image_tags(content)
+        elif isinstance(content, list):
+            parts = []
+            for p in content:
+                if isinstance(p, str):
+                    parts.extend(_split_image_tags(p))
+                elif not isinstance(p, dict):
+                    raise DataError(f"message {i}: content part of type {type(p).__name__}", where)
+                elif p.get("type") == "image" or "image" in p or "image_url" in p:
+                    parts.append({"type": "image"})
+                    ref = p.get("image") or p.get("url") or p.get("path") or p.get("image_url")
+                    if isinstance(ref, dict):
+                        ref = ref.get("url")
+                    if ref is not None:
+                        inline_images.append(_resolve_ref(ref, base_dir))
+                elif p.get("type") == "text" or "text" in p:
+                    parts.extend(_split_image_tags(str(p.get("text", ""))))
+                elif p.get("type") == "video" or "video" in p:
+                    raise DataError(f"message {i}: video inputs are not supported yet", where)
+                else:
+                    raise DataError(f"message {i}: unknown content part {p}", where)
+        elif content is None:
+            parts = []
+        else:
+            raise DataError(f"message {i}: content of type {type(content).__name__}", where)
+        loss = original.get("loss")
+        if loss is None and "loss_scale" in original:
+            loss = float(original["loss_scale"]) > 0
+        # Qwen-VL templates only accept a system message first (seeds/04 turns later ones into user turns).
+        if role == "system" and messages:
+            role = "user"
+        messages.append({"role": role, "content": parts, "loss": loss})
+    if inline_images and images:
+        raise DataError("images given both inline in the content and in an 'images' column", where)
+    images = images or inline_images
+    extra = {k: v for k, v in row.items() if k not in KNOWN_COLUMNS}
+    return Sample(messages=messages, images=images, where=where, extra=extra)
+
+
+# ---------------------------------------------------------------- readers
+def _read_jsonl(path: Path) -> Iterable[Sample]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield DataError(f"invalid JSON ({e.msg} at column {e.colno})", where)  # type: ignore[misc]
+                continue
+            try:
+                yield normalize_row(row, str(path.parent), where)
+            except DataError as e:
+                yield e.at(where)  # type: ignore[misc]
+
+
+def _read_json(path: Path) -> Iterable[Sample]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON ({e.msg} at line {e.lineno})", str(path)) from None
+    if isinstance(data, dict):
+        data = data.get("data") or data.get("samples") or [data]
+    for i, row in enumerate(data):
+        where = f"{path}[{i}]"
+        try:
+            yield normalize_row(row, str(path.parent), where)
+        except DataError as e:
+            yield e.at(where)  # type: ignore[misc]
+
+
+def _read_hf(path: Path) -> Iterable[Sample]:
+    import datasets
+
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    else:
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    base = str(path if path.is_dir() else path.parent)
+    for i, row in enumerate(ds):
+        where = f"{path}[{i}]"
+        try:
+            yield normalize_row(dict(row), base, where)
+        except DataError as e:
+            yield e.at(where)  # type: ignore[misc]
+
+
+USER_FILE = re.compile(r"user_(\d+)\.pkl$")
+
+
+def _read_user_pickles(path: Path, users: set[int] | None, allow_pickle: bool) -> Iterable[Sample]:
+    if not allow_pickle:
+        raise DataError(
+            "this is a per-user pickle directory; loading pickles runs code from the files. "
+            "Pass --allow_pickle true if you trust them", str(path))
+    import pickle
+
+    files = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := USER_FILE.search(p.name)))
+    if users is not None:
+        missing = sorted(users - {u for u, _ in files})
+        if missing:
+            raise DataError(f"no user_<id>.pkl for users {missing}", str(path))
+        files = [(u, p) for u, p in files if u in users]
+    for user, p in files:
+        with open(p, "rb") as f:
+            rows = pickle.load(f)
+        for i, row in enumerate(rows):
+            where = f"{p}[{i}]"
+            try:
+                sample = normalize_row(row, str(p.parent), where)
+            except DataError as e:
+                yield e.at(where)  # type: ignore[misc]
+                continue
+            sample.extra.setdefault("user", user)
+            yield sample
+
+
+def parse_users(spec: str | None) -> set[int] | None:
+    """'11-83' / '1,3,5-7' -> set of user ids."""
+    if not spec:
+        return None
+    users: set[int] = set()
+    for part in str(spec).split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            users.update(range(int(lo), int(hi) + 1))
+        elif part:
+            users.add(int(part))
+    return users
+
+
+def _filter_users(samples: Iterable, users: set[int] | None) -> Iterable:
+    for s in samples:
+        if users is None or isinstance(s, DataError) or int(s.extra.get("user", -1)) in users:
+            yield s
+
+
+READERS: dict[str, Callable[..., Iterable]] = {
+    "jsonl": _read_jsonl,
+    "json": _read_json,
+    "hf": _read_hf,
+}
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        if any(USER_FILE.search(p.name) for p in path.iterdir()):
+            return "user_pickles"
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return "hf"
+        raise DataError("directory is neither a per-user pickle dir (user_<id>.pkl) nor a datasets.save_to_disk dir",
+                        str(path))
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix == ".json":
+        # JSON Lines saved with .json is common; peek at the first character.
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1024).lstrip()
+        return "json" if head.startswith("[") else "jsonl"
+    if suffix == ".parquet":
+        return "hf"
+    raise DataError(f"unknown dataset format {suffix!r} (expected .jsonl, .json, .parquet or a directory)", str(path))
+
+
+def iter_dataset(spec: str, users: str | None = None, allow_pickle: bool = False) -> Iterable:
+    """Yield `Sample`s (and `DataError`s for records that could not be read) from `spec`."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError("dataset path does not exist", str(path))
+    fmt = detect_format(path)
+    user_set = parse_users(users)
+    if fmt == "user_pickles":
+        yield from _read_user_pickles(path, user_set, allow_pickle)
+    else:
+        yield from _filter_users(READERS[fmt](path), user_set)
+
+
+def read_dataset(specs: str | list[str], users: str | None = None, allow_pickle: bool = False) -> tuple[list[Sample], list[DataError]]:
+    """Read one or more datasets; return (samples, errors of records that could not be parsed)."""
+    samples, errors = [], []
+    for spec in _as_list(specs):
+        for item in iter_dataset(spec, users, allow_pickle):
+            (errors if isinstance(item, DataError) else samples).append(item)
+    return samples, errors
