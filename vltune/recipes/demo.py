@@ -33,17 +33,19 @@ class DemoArguments:
     model_family: str = field(default="qwen3_vl", metadata={
         "help": "Family of the embedded tiny model: qwen3_vl, qwen2_5_vl, qwen2_vl, idefics3."})
     output_dir: str = field(default="output/demo", metadata={"help": "Where data, model and results go."})
-    n_train: int = field(default=3000, metadata={"help": "Synthetic training boards."})
+    tiny_size: str = field(default="s", metadata={
+        "help": "s: the demo model (pretrained vision tower, random LLM); xs: a smaller random one for smoke tests."})
+    n_train: int = field(default=4000, metadata={"help": "Synthetic training boards."})
     n_test: int = field(default=200, metadata={"help": "Held-out boards for the accuracy figures."})
     grid: int = field(default=4, metadata={"help": "Board is grid x grid cells, one vision token per cell."})
-    n_shapes: int = field(default=3, metadata={"help": "Shapes per board (the named one + distractors)."})
+    n_shapes: int = field(default=3, metadata={"help": "Up to this many shapes per board (the named one + distractors)."})
     cell_tokens: int = field(default=1, metadata={"help": "Vision tokens per cell edge (2 = each cell spans 2x2 tokens)."})
     train_type: str = field(default="full", metadata={
         "help": "full (default: the tiny model starts from random weights) | lora | qlora."})
-    freeze_vit: bool = field(default=False, metadata={
-        "help": "Freeze the (random) vision tower. The demo trains it: it starts from scratch."})
+    freeze_vit: bool = field(default=True, metadata={
+        "help": "Freeze the vision tower and aligner (their head start comes with the tiny model); the LLM trains."})
     epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     batch_size: int = field(default=16, metadata={"help": "Samples per step."})
     seed: int = field(default=0, metadata={"help": "Seed for data and training."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)."})
@@ -57,7 +59,8 @@ def run_demo(d: DemoArguments) -> dict:
     from ..eval.plots import plot_clicks
     from ..models.families import FAMILIES
     from ..models.load import load_model, load_processor
-    from ..models.tiny import tiny_model_path
+    from ..models.tiny import tiny_model_path, vision_cell_pixels
+    from transformers import AutoConfig
     from .sft import run_sft
 
     setup_logging()
@@ -66,11 +69,11 @@ def run_demo(d: DemoArguments) -> dict:
     out = Path(d.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    path = tiny_model_path(d.model_family, "s")
+    path = tiny_model_path(d.model_family, d.tiny_size)
     family = FAMILIES[d.model_family]
     processor = load_processor(path)
     data = make_grounding_set(out / "data", n_train=d.n_train, n_test=d.n_test, grid=d.grid,
-                              cell=_cell_pixels(processor) * d.cell_tokens, n_shapes=d.n_shapes, seed=d.seed,
+                              cell=vision_cell_pixels(AutoConfig.from_pretrained(path)) * d.cell_tokens, n_shapes=d.n_shapes, seed=d.seed,
                               convention=family.coords, processor=processor)
     train, _ = read_dataset(data["train"])
     test, _ = read_dataset(data["test"])
@@ -140,14 +143,6 @@ def run_demo(d: DemoArguments) -> dict:
           f"trained {train_seconds:.0f} s, total {results['total_seconds']:.0f} s.\n"
           f"results: {out / 'results.json'}, clicks: {out / 'clicks.png'}, loss: {out / 'model' / 'loss.png'}")
     return results
-
-
-def _cell_pixels(processor) -> int:
-    """Pixels per vision token edge (patch x merge for Qwen-VL), so one cell = one token."""
-    ip = processor.image_processor
-    if hasattr(ip, "patch_size") and hasattr(ip, "merge_size"):
-        return ip.patch_size * ip.merge_size
-    return 16
 
 
 def main(argv: list[str] | None = None) -> dict:
