@@ -18,7 +18,8 @@ def resized_size(processor, width: int, height: int) -> tuple[int, int]:
     """(width, height) the image processor resizes an image of this size to (Qwen-VL smart_resize)."""
     ip = processor.image_processor
     if hasattr(ip, "merge_size") and hasattr(ip, "patch_size"):
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        # the PIL module: the torchvision one does not import beside the CPU torch build
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         size = ip.size or {}
         h, w = smart_resize(height, width, factor=ip.patch_size * ip.merge_size,

@@ -23,10 +23,21 @@ def resolve_model_path(args: ModelArguments) -> str:
     return path
 
 
+def base_of_adapter(path: str) -> str | None:
+    """The base model a PEFT adapter directory was trained on (None if `path` is not an adapter)."""
+    cfg = os.path.join(path, "adapter_config.json")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) and os.path.exists(cfg):
+        import json
+
+        with open(cfg, encoding="utf-8") as f:
+            return json.load(f).get("base_model_name_or_path")
+    return None
+
+
 def model_family(path: str, trust_remote_code: bool = False) -> ModelFamily:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(base_of_adapter(path) or path, trust_remote_code=trust_remote_code)
     return family_for_model_type(getattr(config, "model_type", None))
 
 

@@ -35,7 +35,7 @@ class DemoArguments:
     output_dir: str = field(default="output/demo", metadata={"help": "Where data, model and results go."})
     tiny_size: str = field(default="s", metadata={
         "help": "s: the demo model (pretrained vision tower, random LLM); xs: a smaller random one for smoke tests."})
-    n_train: int = field(default=4000, metadata={"help": "Synthetic training boards."})
+    n_train: int = field(default=24000, metadata={"help": "Synthetic training boards (each seen `epochs` times)."})
     n_test: int = field(default=200, metadata={"help": "Held-out boards for the accuracy figures."})
     grid: int = field(default=4, metadata={"help": "Board is grid x grid cells, one vision token per cell."})
     n_shapes: int = field(default=3, metadata={"help": "Up to this many shapes per board (the named one + distractors)."})
@@ -44,7 +44,7 @@ class DemoArguments:
         "help": "full (default: the tiny model starts from random weights) | lora | qlora."})
     freeze_vit: bool = field(default=True, metadata={
         "help": "Freeze the vision tower and aligner (their head start comes with the tiny model); the LLM trains."})
-    epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
+    epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     batch_size: int = field(default=16, metadata={"help": "Samples per step."})
     seed: int = field(default=0, metadata={"help": "Seed for data and training."})
@@ -98,7 +98,8 @@ def run_demo(d: DemoArguments) -> dict:
         SFTTrainingArguments(
             output_dir=str(out / "model"), num_train_epochs=d.epochs, learning_rate=d.learning_rate,
             per_device_train_batch_size=d.batch_size, gradient_checkpointing=False, warmup_steps=0.05,
-            lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=20, save_strategy="no",
+            lr_scheduler_type="cosine", weight_decay=0.0,
+            logging_steps=max(1, min(20, int(len(train) / d.batch_size * d.epochs) // 20)), save_strategy="no",
             report_to=["tensorboard"], seed=d.seed, use_cpu=not torch.cuda.is_available(),
             bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         ),
