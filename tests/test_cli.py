@@ -78,3 +78,12 @@ def test_help_lists_commands_and_arguments():
     for flag in ("--train_type", "--lora_rank", "--freeze_vit", "--max_pixels", "--loss_scale", "--strict",
                  "--resume_from_checkpoint", "--gradient_checkpointing"):
         assert flag in out.stdout
+
+
+@pytest.mark.parametrize("name", ["gui_agent_global_lora.yaml", "gui_agent_global_full.yaml", "quickstart_lora.json"])
+def test_example_configs_parse(name, tmp_path):
+    path = Path(__file__).parent.parent / "examples" / name
+    model, tuner, data, args = parse_args(GROUPS, ["--config", str(path), "--output_dir", str(tmp_path)])
+    assert tuner.train_type in ("lora", "full")
+    if "gui_agent" in name:
+        assert data.users == "11-83" and model.max_pixels == 1280 * 28 * 28 and args.gradient_accumulation_steps == 8
