@@ -87,3 +87,11 @@ def test_example_configs_parse(name, tmp_path):
     assert tuner.train_type in ("lora", "full")
     if "gui_agent" in name:
         assert data.users == "11-83" and model.max_pixels == 1280 * 28 * 28 and args.gradient_accumulation_steps == 8
+
+
+def test_repeated_list_flags_accumulate(tmp_path):
+    """`--dataset a --dataset b` means both (argparse alone would keep only b); `--dataset a b` too."""
+    _, _, data, _ = parse_args(GROUPS, ["--dataset", "a.jsonl", "--dataset", "b.jsonl", "--output_dir", str(tmp_path)])
+    assert data.dataset == ["a.jsonl", "b.jsonl"]
+    _, _, data, _ = parse_args(GROUPS, ["--dataset", "a.jsonl", "b.jsonl", "--output_dir", str(tmp_path)])
+    assert data.dataset == ["a.jsonl", "b.jsonl"]

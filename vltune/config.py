@@ -146,11 +146,14 @@ def _truthy(v: Any) -> bool:
     return str(v).lower() in ("1", "true", "yes", "y", "on")
 
 
-def apply_aliases(cfg: dict) -> dict:
-    """Map the seeds' / older ms-swift spellings in a config dict onto our names."""
+def apply_aliases(cfg: dict, known: set[str] | None = None) -> dict:
+    """Map the seeds' / older ms-swift spellings in a config dict onto our names (a name the
+    command itself defines, e.g. the demo's `epochs`, is never treated as an alias)."""
     out = {}
     for key, value in cfg.items():
-        if key in ALIASES:
+        if known is not None and key in known:
+            out[key] = value
+        elif key in ALIASES:
             out.setdefault(ALIASES[key][0], value)
         elif key in FLAG_ALIASES:
             name, set_value = FLAG_ALIASES[key]
@@ -164,14 +167,16 @@ def apply_aliases(cfg: dict) -> dict:
     return out
 
 
-def normalize_argv(argv: list[str]) -> list[str]:
+def normalize_argv(argv: list[str], known: set[str] | None = None) -> list[str]:
     """Rewrite alias flags on the command line (`--tuner_type lora` -> `--train_type lora`)."""
     out: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name in ALIASES:
+        if known is not None and name in known:
+            out.append(arg)
+        elif name in ALIASES:
             out.append(f"--{ALIASES[name][0]}" + (f"={val}" if eq else ""))
         elif name in FLAG_ALIASES:
             canon, set_value = FLAG_ALIASES[name]
@@ -192,7 +197,30 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def load_config_file(path: str) -> dict:
+def merge_repeated_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """`--dataset a --dataset b` -> `--dataset a b`: argparse would silently keep only the last one."""
+    merged: dict[str, list[str]] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        name = flag[2:] if flag.startswith("--") else None
+        i += 1
+        if name not in names:
+            rest.append(argv[i - 1])
+            continue
+        values = merged.setdefault(name, [])
+        if eq:
+            values.append(value)
+        while not eq and i < len(argv) and not argv[i].startswith("--"):
+            values.append(argv[i])
+            i += 1
+    for name, values in merged.items():
+        rest += [f"--{name}", *values]
+    return rest
+
+
+def load_config_file(path: str, known: set[str] | None = None) -> dict:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -212,7 +240,7 @@ def load_config_file(path: str) -> dict:
             flat.update(v)
         else:
             flat[k] = v
-    return apply_aliases(flat)
+    return apply_aliases(flat, known)
 
 
 # ---------------------------------------------------------------- hardware defaults
@@ -253,10 +281,11 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
     parser.add_argument("--config", type=str, default=None, help="A YAML or JSON file of arguments; "
                         "command-line arguments override it.")
-    argv = normalize_argv(argv)
-    pre, _ = parser.parse_known_args(argv)  # only to find --config / --device / --torch_dtype early
-    cfg = load_config_file(pre.config) if pre.config else {}
     known = {f.name for t in dataclass_types for f in fields(t)}
+    list_flags = tuple(a.dest for a in parser._actions if a.nargs in ("+", "*"))
+    argv = merge_repeated_flags(normalize_argv(argv, known), list_flags)
+    pre, _ = parser.parse_known_args(argv)  # only to find --config / --device / --torch_dtype early
+    cfg = load_config_file(pre.config, known) if pre.config else {}
     unknown = sorted(set(cfg) - known - {"config"})
     if unknown:
         raise SystemExit(f"{prog}: unknown key(s) in {pre.config}: {', '.join(unknown)}")
@@ -273,6 +302,8 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
             defaults.setdefault("fp16", device == "cuda" and dtype == torch.float16)
         if device == "cpu":
             defaults.setdefault("use_cpu", True)
+    from .distributed import expand_deepspeed_preset  # `--deepspeed zero2` -> config dict before TrainingArguments
+    argv, defaults = expand_deepspeed_preset(argv, defaults, known)
     parser.set_defaults(**defaults)
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     rest = [r for r in rest if r]

@@ -271,6 +271,7 @@ def image_tokens(model, processor, images) -> torch.Tensor:
     inputs = processor.image_processor(images=images, return_tensors="pt")
     out = model.model.get_image_features(inputs["pixel_values"], inputs.get("pixel_attention_mask"))
     feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
     return feats.reshape(len(images), -1, feats.shape[-1])
 
 

@@ -26,6 +26,7 @@ from ..console import TeeLog, is_main_process, setup_logging
 from ..data.dataset import DataReport, SFTCollator, SFTDataset, validate_samples
 from ..data.errors import DataError
 from ..data.formats import read_dataset
+from ..distributed import attach_debug_callback
 from ..models.families import family_for_model_type
 from ..models.load import load_model, load_processor, resolve_model_path
 from ..models.preflight import check_gradient_flow
@@ -144,6 +145,7 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
             args.eval_steps = args.eval_steps or args.save_steps
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=collator, processing_class=processor, callbacks=callbacks)
+        attach_debug_callback(trainer)  # per-rank dump when $VLTUNE_DEBUG_DIST_DIR is set (vltune/distributed.py)
         result = trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint))
         metrics = dict(result.metrics)
         if eval_ds is not None:

@@ -1,0 +1,169 @@
+"""Imported at start-up by every Python process of a benchmark run (this folder is put on
+PYTHONPATH by benchmarks/sft_throughput.py; `swift sft` re-launches Python, so an import hook in
+the launching script alone would not reach the training process). Nothing is imported eagerly:
+two post-import hooks act when (and if) transformers gets imported.
+
+1. VLTUNE_BENCH_TRACE=file.json: every `transformers.Trainer` gets a callback that records, per
+   optimizer step, the wall time at its end, the samples / non-pad tokens / trained tokens of its
+   batches (read where the Trainer fetches them, `get_batch_samples`), each logged loss, and at the
+   end the peak CUDA memory. The same code measures all four tools.
+2. VLTUNE_BENCH_REGISTER_PROCESSOR=1: registers an image-only Qwen2.5-VL processor with
+   AutoProcessor under the class name saved in the benchmark model (transformers' Qwen-VL video
+   processors need torchvision, which does not load beside the CPU torch 2.13.0). vltune has its
+   own fallback and runs without this.
+"""
+
+import importlib.abc
+import json
+import os
+import sys
+import time
+
+
+def _install_trace(trainer_module):
+    path = os.environ.get("VLTUNE_BENCH_TRACE")
+    if not path:
+        return
+    from transformers.trainer_callback import TrainerCallback
+
+    Trainer = trainer_module.Trainer
+    original_init = Trainer.__init__
+
+    class _Trace(TrainerCallback):
+        def __init__(self):
+            self.pending = []  # per-batch 0-dim tensors (kept lazy: no extra device sync per step)
+            self.steps = []  # (global_step, wall time at step end, [tensors])
+            self.losses = {}
+            self.t_begin = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t_begin = time.time()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps.append((state.global_step, time.time(), self.pending))
+            self.pending = []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses[int(state.global_step)] = float(logs["loss"])
+
+        def on_train_end(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
+            rows = []
+            for step, t, batches in self.steps:
+                vals = [[float(x) for x in b] for b in batches]
+                rows.append({"step": step, "t": t, "samples": sum(v[0] for v in vals),
+                             "tokens": sum(v[1] for v in vals), "trained": sum(v[2] for v in vals),
+                             "padded": sum(v[3] for v in vals)})
+            out = {"t_begin": self.t_begin, "t_end": time.time(), "steps": rows, "losses": self.losses,
+                   "trainer": type(kw.get("model", None)).__name__, "pid": os.getpid()}
+            try:
+                import torch
+
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
+                    out["cuda_peak_reserved"] = torch.cuda.max_memory_reserved()
+            except Exception:
+                pass
+            with open(path, "w") as f:
+                json.dump(out, f)
+
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        trace = _Trace()
+        self.add_callback(trace)
+        fetch = self.get_batch_samples
+
+        def get_batch_samples(*a, **k):
+            batches, n_items = fetch(*a, **k)
+            for b in batches:
+                try:
+                    ids = b["input_ids"]
+                    mask = b.get("attention_mask")
+                    labels = b.get("labels")
+                    tokens = mask.sum() if mask is not None and mask.dim() == 2 else ids.numel()
+                    trained = (labels != -100).sum() if labels is not None else 0
+                    trace.pending.append((ids.shape[0], tokens, trained, ids.numel()))
+                except Exception:
+                    trace.pending.append((0, 0, 0, 0))
+            return batches, n_items
+
+        self.get_batch_samples = get_batch_samples
+
+    Trainer.__init__ = __init__
+
+
+def _install_processor(auto_module):
+    if os.environ.get("VLTUNE_BENCH_REGISTER_PROCESSOR") != "1":
+        return
+    AutoProcessor = auto_module.AutoProcessor
+    original = AutoProcessor.from_pretrained.__func__
+    done = []
+
+    def from_pretrained(cls, *args, **kwargs):
+        if not done:
+            done.append(_register(AutoProcessor))
+        return original(cls, *args, **kwargs)
+
+    AutoProcessor.from_pretrained = classmethod(from_pretrained)
+
+
+def _register(AutoProcessor):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class Qwen2_5_VLImageProcessorOnly(Qwen2_5_VLProcessor):
+        """Qwen2.5-VL processor without the (torchvision-only) video processor."""
+
+        attributes = ["image_processor", "tokenizer"]  # older transformers read this list
+        valid_kwargs = ["chat_template"]
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            for name, default in (("image", "<|image_pad|>"), ("video", "<|video_pad|>"),
+                                  ("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>")):
+                token = getattr(tokenizer, f"{name}_token", None) or default
+                setattr(self, f"{name}_token", token)
+                setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(token))
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    AutoProcessor.register(Qwen2_5_VLConfig, Qwen2_5_VLImageProcessorOnly, exist_ok=True)
+    return True
+
+
+class _PostImport(importlib.abc.MetaPathFinder):
+    """Run a hook right after a module has been executed (first import only)."""
+
+    def __init__(self, hooks):
+        self.hooks = dict(hooks)
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.hooks:
+            return None
+        hook = self.hooks.pop(name)
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def run(module):
+            exec_module(module)
+            try:
+                hook(module)
+            except Exception as e:  # never break the tool being measured
+                print(f"[vltune-bench sitecustomize] hook for {name} failed: {e!r}", file=sys.stderr)
+
+        spec.loader.exec_module = run
+        return spec
+
+
+if os.environ.get("VLTUNE_BENCH_TRACE") or os.environ.get("VLTUNE_BENCH_REGISTER_PROCESSOR"):
+    sys.meta_path.insert(0, _PostImport({
+        "transformers.trainer": _install_trace,
+        "transformers.models.auto.processing_auto": _install_processor,
+    }))

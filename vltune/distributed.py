@@ -1,0 +1,216 @@
+"""Multi-process training: DeepSpeed presets for `--deepspeed`, and a per-rank debug dump.
+
+Launch lines (the recipe itself is unchanged; Trainer + accelerate do DDP / ZeRO):
+
+    torchrun --nproc_per_node 8 -m vltune sft ...                           # DDP, one node
+    accelerate launch --multi_gpu --num_processes 8 -m vltune sft ...       # the same through accelerate
+    torchrun --nproc_per_node 8 -m vltune sft --deepspeed zero2 ...         # ZeRO-2 (pip install 'vltune[deepspeed]')
+    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 -m vltune sft ...
+
+`--deepspeed` takes a preset name (`zero2`, `zero3`, `zero2_offload`, `zero3_offload`, as in ms-swift) or a
+DeepSpeed JSON file. A preset becomes a config dict whose batch size, accumulation, clipping, precision and
+optimizer hyper-parameters are "auto": the Trainer fills them from the command line (`--per_device_train_batch_size`,
+`--gradient_accumulation_steps`, `--max_grad_norm`, `--bf16`, `--learning_rate`, ...), so the two cannot disagree.
+
+`DistributedDebugCallback` writes what data parallelism must make true, one JSON per rank, when
+`$VLTUNE_DEBUG_DIST_DIR` is set: which batches each rank saw (they must differ), and a checksum of every
+parameter at the end (they must be equal). `tests/test_distributed.py` launches real 2-process runs and reads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger("vltune")
+
+# ---------------------------------------------------------------------------- DeepSpeed presets
+_AUTO_TOP = {
+    # "auto" = filled by transformers' HfTrainerDeepSpeedConfig from TrainingArguments.
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "steps_per_print": 1_000_000_000,  # Trainer logs; DeepSpeed's own step prints would only duplicate them
+    "wall_clock_breakdown": False,
+}
+# With optimizer offload DeepSpeed runs the optimizer step on the CPU; its fused CPU Adam is much faster
+# than torch's, so the offload presets name it (lr, betas, eps, weight decay still come from the CLI).
+_OFFLOAD_OPTIMIZER = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+_ZERO = {
+    2: {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
+        "allgather_partitions": True, "allgather_bucket_size": 200_000_000, "reduce_bucket_size": "auto"},
+    3: {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1_000_000_000,
+        "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1_000_000_000,
+        "stage3_max_reuse_distance": 1_000_000_000,
+        # Without it, save_model() under ZeRO-3 writes empty placeholders instead of the weights.
+        "stage3_gather_16bit_weights_on_model_save": True},
+}
+DEEPSPEED_PRESETS = {
+    "zero2": "ZeRO-2: optimizer states and gradients sharded across ranks",
+    "zero3": "ZeRO-3: parameters sharded too (largest models; more communication)",
+    "zero2_offload": "ZeRO-2 with optimizer states in CPU memory (less GPU memory, slower steps)",
+    "zero3_offload": "ZeRO-3 with parameters and optimizer states in CPU memory (least GPU memory, slowest)",
+}
+
+
+def deepspeed_config(preset: str) -> dict:
+    """The DeepSpeed config dict of a preset (`zero2`, `zero3`, `zero2_offload`, `zero3_offload`).
+
+    Entries that mirror a training argument are "auto", so transformers fills them from the command line.
+    """
+    if preset not in DEEPSPEED_PRESETS:
+        raise ValueError(f"unknown DeepSpeed preset {preset!r}; choose one of {', '.join(DEEPSPEED_PRESETS)} "
+                         f"or give a DeepSpeed JSON file")
+    stage = 3 if preset.startswith("zero3") else 2
+    config = copy.deepcopy(_AUTO_TOP)
+    zero = copy.deepcopy(_ZERO[stage])
+    if preset.endswith("_offload"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        config["optimizer"] = copy.deepcopy(_OFFLOAD_OPTIMIZER)
+    config["zero_optimization"] = zero
+    return config
+
+
+def resolve_deepspeed(value):
+    """A `--deepspeed` value -> what `TrainingArguments.deepspeed` takes: a preset name becomes its config
+    dict; a dict or an existing JSON file passes through; anything else is an error naming the choices."""
+    if isinstance(value, dict):
+        return value
+    if value is None or str(value).lower() in ("", "none", "false"):
+        return None
+    value = str(value)
+    if value in DEEPSPEED_PRESETS:
+        config = deepspeed_config(value)
+    elif os.path.isfile(os.path.expanduser(value)):
+        config = os.path.expanduser(value)
+    else:
+        raise SystemExit(f"--deepspeed {value}: not a preset ({', '.join(DEEPSPEED_PRESETS)}) and no such JSON file")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise SystemExit(f"--deepspeed {value} needs the deepspeed package: pip install 'vltune[deepspeed]' "
+                         f"(or drop --deepspeed to train with plain DDP)")
+    return config
+
+
+def expand_deepspeed_preset(argv: list[str], defaults: dict, known: set[str]) -> tuple[list[str], dict]:
+    """Hook for `config.parse_args`: move `--deepspeed PRESET` (command line or config file) into the parser
+    defaults as a config dict.
+
+    It must happen before the arguments are built: `TrainingArguments.__post_init__` already loads
+    `deepspeed` as a file path or dict, and a preset name is neither. The last `--deepspeed` wins, like argparse.
+    """
+    if "deepspeed" not in known:
+        return argv, defaults
+    value, rest, i = defaults.get("deepspeed"), [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--deepspeed" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--deepspeed="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    if value is None:
+        return argv, defaults
+    defaults = dict(defaults)
+    defaults["deepspeed"] = resolve_deepspeed(value)
+    return rest, defaults
+
+
+# ---------------------------------------------------------------------------- per-rank debug dump
+DEBUG_DIST_ENV = "VLTUNE_DEBUG_DIST_DIR"
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    # float32 bytes so that equal values give equal digests whatever the storage dtype
+    return hashlib.sha1(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _batch_fingerprint(kwargs: dict) -> str:
+    h = hashlib.sha1()
+    for name in sorted(kwargs):
+        value = kwargs[name]
+        if torch.is_tensor(value) and name != "labels":
+            h.update(name.encode())
+            h.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class DistributedDebugCallback(TrainerCallback):
+    """Dump per-rank facts of a (multi-process) run to `<dir>/rank<R>.json` at the end of training.
+
+    JSON keys: rank, world_size, backend ("gloo", "nccl" or null), parallel_mode, wrapper (the class the
+    Trainer wrapped the model in: DistributedDataParallel, DeepSpeedEngine, ...), global_step,
+    batches (one fingerprint per training forward: a hash of the model inputs, labels excluded),
+    params_start / params_end ({name: digest} of the trainable parameters), params_all_end (one digest over
+    every parameter). Under ZeRO-3 each rank holds only its partition of the weights, so the checksums cover
+    that partition. Costs one hash of the inputs per forward: for debugging and tests, off by default.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, trainer=None):
+        self.out_dir = Path(out_dir)
+        self.trainer = trainer
+        self.batches: list[dict] = []
+        self.params_start: dict[str, str] = {}
+        self._hook = None
+        self._state = None
+
+    def _record(self, module, args, kwargs):
+        if module.training:
+            self.batches.append({"step": self._state.global_step if self._state else None,
+                                 "fingerprint": _batch_fingerprint(kwargs)})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._state = state
+        self.params_start = {n: _digest(p) for n, p in model.named_parameters() if p.requires_grad}
+        self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        import torch.distributed as dist
+
+        if self._hook is not None:
+            self._hook.remove()
+        initialized = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if initialized else args.process_index
+        wrapped = getattr(self.trainer, "model_wrapped", None) if self.trainer is not None else None
+        all_params = hashlib.sha1()
+        for name, p in sorted(model.named_parameters()):
+            all_params.update(f"{name}:{_digest(p)}".encode())
+        info = {
+            "rank": rank,
+            "world_size": dist.get_world_size() if initialized else args.world_size,
+            "backend": dist.get_backend() if initialized else None,
+            "parallel_mode": str(getattr(args.parallel_mode, "value", args.parallel_mode)),
+            "wrapper": type(wrapped).__name__ if wrapped is not None else None,
+            "global_step": state.global_step,
+            "batches": self.batches,
+            "params_start": self.params_start,
+            "params_end": {n: _digest(p) for n, p in model.named_parameters() if p.requires_grad},
+            "params_all_end": all_params.hexdigest()[:16],
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
+
+
+def attach_debug_callback(trainer) -> None:
+    """Add `DistributedDebugCallback` to `trainer` when `$VLTUNE_DEBUG_DIST_DIR` is set (no-op otherwise)."""
+    out_dir = os.environ.get(DEBUG_DIST_ENV)
+    if out_dir:
+        trainer.add_callback(DistributedDebugCallback(out_dir, trainer))
+        logger.info("[debug] writing per-rank batches and parameter checksums to %s", out_dir)

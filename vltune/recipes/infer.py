@@ -1,0 +1,180 @@
+"""vltune infer: answer prompts with a model (+ a LoRA adapter), one image or a whole data set.
+
+    vltune infer --model Qwen/Qwen3-VL-8B-Instruct --adapters out/global_lora --image screen.png \
+        --prompt "Tap the settings icon"                       # prints the answer
+    vltune infer --adapters out/global_lora --dataset test.jsonl --output preds.jsonl --batch_size 16
+    vltune infer --image a.png --image b.png --prompt "<image>before <image>after: what changed?"
+    vltune infer --adapters output/sft --image board.png --prompt "Click the red circle"   # tiny model, offline
+
+Greedy decoding unless --do_sample true (then --temperature / --top_p / --top_k apply); --num_beams > 1 for
+beam search. Without --model the embedded tiny model of --model_family is used, like `vltune sft`.
+The processor (image resizing, chat template) is read from the adapter directory when training saved one
+there, so inference sees images exactly as training did.
+
+Batch mode writes one JSON object per line: {"where": "file:line", "prompt": last user turn,
+"images": [...], "answer": ..., "reference": the sample's final assistant turn or null}; a sample that
+cannot be run (missing image, <image> tags vs images) gets "error" instead of "answer" and the rest go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from ..config import ModelArguments, parse_args
+from ..console import setup_logging
+
+logger = logging.getLogger("vltune")
+
+
+@dataclass
+class InferArguments:
+    adapters: str | None = field(default=None, metadata={
+        "help": "A LoRA adapter directory (the --output_dir of `vltune sft --train_type lora`) applied on --model."})
+    image: list[str] = field(default_factory=list, metadata={
+        "help": "Image file(s) for one prompt (repeat the flag or list several). Without <image> tags in --prompt, "
+                "all images go before the text."})
+    prompt: str | None = field(default=None, metadata={"help": "The user's message for a single answer."})
+    system: str | None = field(default=None, metadata={"help": "Optional system message for --prompt."})
+    dataset: list[str] = field(default_factory=list, metadata={
+        "help": "Batch mode: answer every sample of these data sets (same formats as training). Each sample's "
+                "final assistant turn, if any, is dropped from the prompt and written as the reference."})
+    output: str | None = field(default=None, metadata={
+        "help": "Batch mode: JSONL file for the predictions (default: print the lines)."})
+    users: str | None = field(default=None, metadata={"help": "User ids of a per-user data set, e.g. '11-83'."})
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "Allow reading per-user .pkl files (unpickling runs code from the file: only for data you trust)."})
+    num_samples: int | None = field(default=None, metadata={"help": "Batch mode: only the first N samples."})
+    batch_size: int = field(default=8, metadata={
+        "help": "Prompts generated together (left-padded). Larger = faster on a GPU, more memory."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Upper bound on generated tokens per answer."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float | None = field(default=None, metadata={
+        "help": "Sampling temperature (with --do_sample; default: the model's generation_config)."})
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling mass (with --do_sample)."})
+    top_k: int | None = field(default=None, metadata={
+        "help": "Sample among the k most likely tokens (with --do_sample)."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width (1 = none). More beams = slower."})
+    seed: int = field(default=42, metadata={"help": "Seed for sampling."})
+
+
+def generation_kwargs(args: InferArguments) -> dict:
+    """Keyword arguments for `generate` (greedy unless --do_sample); sampling knobs without it are an error."""
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "num_beams": args.num_beams}
+    sampling = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k") if getattr(args, k) is not None}
+    if sampling and not args.do_sample:
+        raise SystemExit(f"vltune infer: {', '.join('--' + k for k in sampling)} only apply with --do_sample true "
+                         f"(decoding is greedy by default)")
+    return {**kwargs, **sampling}
+
+
+def prompt_sample(args: InferArguments):
+    """The --prompt / --image / --system of the command line as a one-turn `Sample`."""
+    from ..data.formats import IMAGE_TAG, normalize_row
+
+    text = args.prompt
+    n_tags = text.count(IMAGE_TAG)
+    if n_tags == 0:
+        text = IMAGE_TAG * len(args.image) + text
+    elif n_tags != len(args.image):
+        raise SystemExit(f"vltune infer: --prompt has {n_tags} <image> tag(s) but {len(args.image)} --image given")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": text})
+    return normalize_row({"messages": messages, "images": list(args.image)}, where="--prompt")
+
+
+def _text_of(message: dict) -> str:
+    return "".join(p["text"] if p["type"] == "text" else "<image>" for p in message["content"])
+
+
+def prediction_record(sample, answer: str | None = None, error: str | None = None) -> dict:
+    """One line of batch output: where, prompt (last user turn, <image> tags kept), images, answer, reference."""
+    messages = sample.messages
+    reference = _text_of(messages[-1]) if messages and messages[-1]["role"] == "assistant" else None
+    users = [m for m in (messages[:-1] if reference is not None else messages) if m["role"] == "user"]
+    record = {"where": sample.where, "prompt": _text_of(users[-1]) if users else "",
+              "images": [r if isinstance(r, str) and not r.startswith("data:") else "<inline>" for r in sample.images]}
+    record.update({"error": error} if error is not None else {"answer": answer})
+    record["reference"] = reference
+    return record
+
+
+def answer_samples(model, processor, samples: list, args: InferArguments, gen: dict):
+    """Yield (sample, answer, error) in order, a batch at a time; a failing batch is retried sample by sample
+    so one bad image costs one answer, not the batch."""
+    from ..data.errors import DataError
+    from ..eval.grounding import generate_answers
+
+    for i in range(0, len(samples), args.batch_size):
+        runnable = []
+        for s in samples[i:i + args.batch_size]:
+            if s.num_image_parts != len(s.images):
+                yield s, None, f"{s.num_image_parts} <image> tag(s) but {len(s.images)} image(s)"
+            else:
+                runnable.append(s)
+        if not runnable:
+            continue
+        try:
+            answers = generate_answers(model, processor, runnable, batch_size=len(runnable), **gen)
+            yield from ((s, a, None) for s, a in zip(runnable, answers))
+        except DataError:
+            for s in runnable:
+                try:
+                    yield s, generate_answers(model, processor, [s], batch_size=1, **gen)[0], None
+                except DataError as e:
+                    yield s, None, e.message
+
+
+def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
+    """Run single or batch inference; return the records (single mode: one, with the answer)."""
+    from transformers import set_seed
+
+    from ..data.formats import read_dataset
+    from ..models.inference import load_for_inference
+
+    if bool(args.prompt) == bool(args.dataset):
+        raise SystemExit("vltune infer: give either --prompt (with --image) for one answer, or --dataset for a batch")
+    if args.image and not args.prompt:
+        raise SystemExit("vltune infer: --image needs --prompt")
+    gen = generation_kwargs(args)
+    set_seed(args.seed)
+    if args.prompt:
+        samples, errors = [prompt_sample(args)], []
+    else:
+        samples, errors = read_dataset(args.dataset, users=args.users, allow_pickle=args.allow_pickle)
+        samples = samples[: args.num_samples] if args.num_samples else samples
+        for e in errors:
+            logger.warning("[data] skipped unreadable record: %s", e)
+    model, processor, _ = load_for_inference(model_args, args.adapters)
+
+    records = []
+    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    try:
+        for sample, answer, error in answer_samples(model, processor, samples, args, gen):
+            record = prediction_record(sample, answer, error)
+            records.append(record)
+            if error is not None:
+                logger.warning("[infer] %s: %s", sample.where, error)
+            if args.prompt:
+                if error is not None:
+                    raise SystemExit(f"vltune infer: {error}")
+                print(answer)
+            else:
+                line = json.dumps(record, ensure_ascii=False)
+                print(line, file=out or sys.stdout, flush=out is None)
+    finally:
+        if out is not None:
+            out.close()
+    if args.dataset:
+        failed = sum("error" in r for r in records)
+        logger.info("[infer] %d answer(s)%s%s", len(records) - failed, f", {failed} failed" if failed else "",
+                    f" -> {args.output}" if args.output else "")
+    return records
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    model_args, args = parse_args((ModelArguments, InferArguments), argv, prog="vltune infer", description=__doc__)
+    setup_logging()
+    return run_infer(model_args, args)
