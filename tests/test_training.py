@@ -52,11 +52,12 @@ def test_lora_trains_only_lora_and_leaves_vision_bit_identical(family, tmp_path,
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
 
 
-def test_full_trains_llm_but_not_frozen_vision(tmp_path, tiny_path, grounding_jsonl):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_trains_llm_but_not_frozen_vision(family, tmp_path, tiny_path, grounding_jsonl):
     from transformers import AutoModelForImageTextToText
 
-    before = snapshot(AutoModelForImageTextToText.from_pretrained(tiny_path("qwen3_vl")))
-    result = run(tmp_path, "--train_type", "full", "--learning_rate", "1e-3", dataset=grounding_jsonl)
+    before = snapshot(AutoModelForImageTextToText.from_pretrained(tiny_path(family)))
+    result = run(tmp_path, "--train_type", "full", "--learning_rate", "1e-3", family=family, dataset=grounding_jsonl)
     after = snapshot(result.model)
     llm_changed = [n for n in after if part_of(n) == "llm" and not torch.equal(after[n], before[n])]
     assert len(llm_changed) > 10
@@ -76,9 +77,10 @@ def test_unfreezing_vision_trains_it(tmp_path, grounding_jsonl, tiny_path):
     assert any(part_of(n) == "vision" and not torch.equal(after[n], before[n]) for n in after)
 
 
-def test_qlora_trains_on_cpu_with_vision_unquantized(tmp_path, grounding_jsonl):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_trains_on_cpu_with_vision_unquantized(family, tmp_path, grounding_jsonl):
     pytest.importorskip("bitsandbytes")
-    result = run(tmp_path, "--train_type", "qlora", "--learning_rate", "1e-2", dataset=grounding_jsonl)
+    result = run(tmp_path, "--train_type", "qlora", "--learning_rate", "1e-2", family=family, dataset=grounding_jsonl)
     model = result.model
     linear4 = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
     assert linear4, "the LLM must be quantised"
@@ -99,15 +101,17 @@ def result_state(result) -> dict:
     return json.loads((Path(result.output_dir) / "trainer_state.json").read_text())
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("train_type", ["lora", "full"])
-def test_saved_output_reloads_to_identical_logits(train_type, tmp_path, tiny_path, grounding_jsonl):
+def test_saved_output_reloads_to_identical_logits(train_type, family, tmp_path, tiny_path, grounding_jsonl):
     from transformers import AutoModelForImageTextToText
 
     from vltune.data.dataset import SFTCollator, SFTDataset
     from vltune.data.formats import read_dataset
     from vltune.models.load import load_processor
 
-    result = run(tmp_path, "--train_type", train_type, "--learning_rate", "1e-2", dataset=grounding_jsonl)
+    result = run(tmp_path, "--train_type", train_type, "--learning_rate", "1e-2", family=family,
+                 dataset=grounding_jsonl)
     samples, _ = read_dataset(grounding_jsonl)
     processor = load_processor(result.output_dir)  # the processor is saved beside the weights
     batch = SFTCollator(processor)([SFTDataset(samples)[i] for i in range(2)])
@@ -117,7 +121,7 @@ def test_saved_output_reloads_to_identical_logits(train_type, tmp_path, tiny_pat
     if train_type == "lora":
         from peft import PeftModel
 
-        base = AutoModelForImageTextToText.from_pretrained(tiny_path("qwen3_vl"))
+        base = AutoModelForImageTextToText.from_pretrained(tiny_path(family))
         reloaded = PeftModel.from_pretrained(base, result.output_dir)
     else:
         reloaded = AutoModelForImageTextToText.from_pretrained(result.output_dir)

@@ -51,9 +51,18 @@ def tiny_model_path(family: str = "qwen3_vl", size: str = "xs") -> str:
         raise ValueError(f"tiny model size must be one of {TINY_SIZES}, got {size!r}")
     path = cache_root() / f"{family}-{size}-v{TINY_VERSION}"
     if not (path / "config.json").exists():
+        # Build beside the cache entry and rename it into place, so concurrent builders (parallel
+        # test workers, two demos) never see a half-written model; the first rename wins.
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         build_tiny_model(family, size, tmp)
-        tmp.rename(path) if not path.exists() else None
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not (path / "config.json").exists():
+                raise
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
 
 
