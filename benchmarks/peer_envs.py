@@ -29,19 +29,24 @@ SPECS = {
         "check": "import swift, transformers, torch; print('ms-swift', swift.__version__, 'transformers', "
                  "transformers.__version__, 'torch', torch.__version__)",
         "cli": "swift",
+        # imported at the top of these modules, used only for video/audio: stubbed while they import
+        "stub_modules": "qwen_vl_utils.vision_process:torchvision",
     },
     "llamafactory": {
         "install": ["torch==2.13.0", "llamafactory==0.9.5"],
+        # torchaudio: no release for torch 2.13 (2.11.0 is pulled and fails to load its library).
         "uninstall": ["torchvision", "torchaudio"],
         "check": "import llamafactory, transformers, torch; print('llamafactory', llamafactory.__version__, "
                  "'transformers', transformers.__version__, 'torch', torch.__version__)",
         "cli": "llamafactory-cli",
+        "stub_modules": "llamafactory.data.mm_plugin:torchaudio,llamafactory.data.mm_plugin:torchvision",
     },
 }
 
 
 def _spec_hash(spec: dict) -> str:
-    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    built = {k: spec[k] for k in ("install", "uninstall")}  # what changes the venv's content
+    return hashlib.sha1(json.dumps(built, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def venv_python(name: str, root: Path = DEFAULT_ROOT) -> Path:

@@ -160,3 +160,28 @@ def test_resume_continues_at_the_right_step_with_the_same_loss(tmp_path, groundi
     assert not (tmp_path / "resumed" / "checkpoint-3").exists(), "steps 1-3 must not be trained again"
     for k in (4, 5, 6):
         assert resumed[k] == pytest.approx(full[k], rel=1e-5), (k, resumed, full)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_to_keep_gives_the_same_loss_and_gradients(family, tiny_path, processor_for, grounding_jsonl):
+    """The speed-up (logits only from the first trained position on) must not change the numbers."""
+    from transformers import AutoModelForImageTextToText
+
+    from vltune.data.dataset import SFTCollator, SFTDataset
+    from vltune.data.formats import read_dataset
+    from vltune.recipes.sft import accepts_logits_to_keep
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path(family))
+    assert accepts_logits_to_keep(model)
+    samples, _ = read_dataset(grounding_jsonl)
+    items = [SFTDataset(samples)[i] for i in range(3)]
+    results = []
+    for keep in (False, True):
+        batch = SFTCollator(processor_for(family), logits_to_keep=keep)(items)
+        assert ("logits_to_keep" in batch) == keep
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), model.lm_head.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)

@@ -7,6 +7,11 @@ two post-import hooks act when (and if) transformers gets imported.
    optimizer step, the wall time at its end, the samples / non-pad tokens / trained tokens of its
    batches (read where the Trainer fetches them, `get_batch_samples`), each logged loss, and at the
    end the peak CUDA memory. The same code measures all four tools.
+3. VLTUNE_BENCH_STUB_MODULES="importer:missing,...": while module `importer` is being executed, a
+   stub stands in for `missing` if that is not installed (ms-swift's qwen-vl-utils imports
+   torchvision at the top, LLaMA-Factory's mm_plugin torchaudio; neither loads beside the CPU torch
+   2.13.0 and both are only used for video/audio). The stub is removed from sys.modules right
+   after, so transformers' own availability checks never see it.
 2. VLTUNE_BENCH_REGISTER_PROCESSOR=1: registers an image-only Qwen2.5-VL processor with
    AutoProcessor under the class name saved in the benchmark model (transformers' Qwen-VL video
    processors need torchvision, which does not load beside the CPU torch 2.13.0). vltune has its
@@ -55,7 +60,7 @@ def _install_trace(trainer_module):
                 vals = [[float(x) for x in b] for b in batches]
                 rows.append({"step": step, "t": t, "samples": sum(v[0] for v in vals),
                              "tokens": sum(v[1] for v in vals), "trained": sum(v[2] for v in vals),
-                             "padded": sum(v[3] for v in vals)})
+                             "padded": sum(v[3] for v in vals), "fp": sum(v[4] for v in vals)})
             out = {"t_begin": self.t_begin, "t_end": time.time(), "steps": rows, "losses": self.losses,
                    "trainer": type(kw.get("model", None)).__name__, "pid": os.getpid()}
             try:
@@ -69,6 +74,9 @@ def _install_trace(trainer_module):
             with open(path, "w") as f:
                 json.dump(out, f)
 
+    import functools
+
+    @functools.wraps(original_init)  # keep the signature: ms-swift inspects Trainer.__init__'s parameters
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         trace = _Trace()
@@ -84,9 +92,11 @@ def _install_trace(trainer_module):
                     labels = b.get("labels")
                     tokens = mask.sum() if mask is not None and mask.dim() == 2 else ids.numel()
                     trained = (labels != -100).sum() if labels is not None else 0
-                    trace.pending.append((ids.shape[0], tokens, trained, ids.numel()))
+                    # data-order fingerprint: sum of the non-pad ids (independent of padding side)
+                    fp = (ids * mask).sum() if mask is not None and mask.dim() == 2 else ids.sum()
+                    trace.pending.append((ids.shape[0], tokens, trained, ids.numel(), fp))
                 except Exception:
-                    trace.pending.append((0, 0, 0, 0))
+                    trace.pending.append((0, 0, 0, 0, 0))
             return batches, n_items
 
         self.get_batch_samples = get_batch_samples
@@ -131,8 +141,62 @@ def _register(AutoProcessor):
     return True
 
 
+class _Stub(type(sys)):
+    """A stand-in module: any attribute is another stub; calling one raises."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.__version__ = "0.0.0+vltune-bench-stub"
+        self.__path__ = []
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Stub(f"{self.__name__}.{attr}")
+
+    def __call__(self, *a, **k):
+        raise RuntimeError(f"{self.__name__} is a stub in this benchmark venv (not installable beside torch 2.13.0 CPU)")
+
+
+_STUB_SUBMODULES = {"torchvision": ["io", "transforms", "transforms.functional"], "torchaudio": ["functional"]}
+
+
+def _stub_hooks():
+    by_importer = {}
+    for item in filter(None, os.environ.get("VLTUNE_BENCH_STUB_MODULES", "").split(",")):
+        importer, missing = item.split(":")
+        by_importer.setdefault(importer, []).append(missing)
+    return {importer: (lambda ms=tuple(ms): _add_stubs(ms), _remove_stubs) for importer, ms in by_importer.items()}
+
+
+def _add_stubs(missing_modules):
+    import importlib.machinery
+    import importlib.util
+
+    added = []
+    for missing in missing_modules:
+        if missing in sys.modules or importlib.util.find_spec(missing) is not None:
+            continue
+        names = [missing] + [f"{missing}.{s}" for s in _STUB_SUBMODULES.get(missing, [])]
+        for n in names:
+            m = _Stub(n)
+            m.__spec__ = importlib.machinery.ModuleSpec(n, None)
+            sys.modules[n] = m
+            added.append(n)
+        for n in names[1:]:  # parent.attr -> submodule
+            parent, _, child = n.rpartition(".")
+            setattr(sys.modules[parent], child, sys.modules[n])
+    return added
+
+
+def _remove_stubs(added):
+    for n in added or []:
+        sys.modules.pop(n, None)
+
+
 class _PostImport(importlib.abc.MetaPathFinder):
-    """Run a hook right after a module has been executed (first import only)."""
+    """Run hooks around the execution of a module (first import only): hooks[name] is either
+    post(module) or (pre() -> state, post_state(state))."""
 
     def __init__(self, hooks):
         self.hooks = dict(hooks)
@@ -152,6 +216,13 @@ class _PostImport(importlib.abc.MetaPathFinder):
         exec_module = spec.loader.exec_module
 
         def run(module):
+            if isinstance(hook, tuple):
+                state = hook[0]()
+                try:
+                    exec_module(module)
+                finally:
+                    hook[1](state)
+                return
             exec_module(module)
             try:
                 hook(module)
@@ -162,8 +233,10 @@ class _PostImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if os.environ.get("VLTUNE_BENCH_TRACE") or os.environ.get("VLTUNE_BENCH_REGISTER_PROCESSOR"):
+if (os.environ.get("VLTUNE_BENCH_TRACE") or os.environ.get("VLTUNE_BENCH_REGISTER_PROCESSOR")
+        or os.environ.get("VLTUNE_BENCH_STUB_MODULES")):
     sys.meta_path.insert(0, _PostImport({
         "transformers.trainer": _install_trace,
         "transformers.models.auto.processing_auto": _install_processor,
+        **_stub_hooks(),
     }))

@@ -162,10 +162,15 @@ class SFTCollator:
     (it pads text and batches pixel values the family's way), and build labels
     that cover exactly the trained assistant spans."""
 
-    def __init__(self, processor, loss_scale: str = "default", max_length: int | None = None):
+    def __init__(self, processor, loss_scale: str = "default", max_length: int | None = None,
+                 logits_to_keep: bool = False):
+        """logits_to_keep: compute logits only from the first trained position of the batch on (the model's
+        `logits_to_keep` argument, labels sliced to match). Same loss; far less lm_head + cross-entropy work,
+        which dominates small VLMs with large vocabularies. Enable only for models whose forward accepts it."""
         self.processor = processor
         self.loss_scale = loss_scale
         self.max_length = max_length
+        self.logits_to_keep = logits_to_keep
         tok = getattr(processor, "tokenizer", processor)
         tok.padding_side = "right"
 
@@ -182,5 +187,12 @@ class SFTCollator:
         labels = [labels_from_spans(ids[i], offsets[i], r.spans, replacements[i]) for i, r in enumerate(rendered)]
         labels = torch.tensor(labels, dtype=torch.long)
         labels[out["attention_mask"] == 0] = IGNORE_INDEX
+        if self.logits_to_keep:
+            trained = (labels != IGNORE_INDEX).any(0).nonzero()
+            if len(trained):
+                # Position p's label is predicted from the logits at p - 1: keep logits from first - 1 on.
+                keep = labels.shape[1] - int(trained[0]) + 1
+                labels = labels[:, -keep:]
+                out["logits_to_keep"] = keep
         out["labels"] = labels
         return dict(out)

@@ -97,6 +97,14 @@ def build_model(model_args: ModelArguments, tuner: TunerArguments, args: SFTTrai
     return model
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward takes `logits_to_keep` (most transformers LMs do)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def _resume_arg(value):
     if value in (None, "", "false", "False"):
         return None
@@ -126,7 +134,7 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
 
         train_ds, eval_ds, report = build_datasets(data, processor, args.seed, str(out), family.coords)
         model = build_model(model_args, tuner, args, path)
-        collator = SFTCollator(processor, data.loss_scale)
+        collator = SFTCollator(processor, data.loss_scale, logits_to_keep=accepts_logits_to_keep(model))
 
         # Preflight on a real batch, on the device Trainer will use.
         if not getattr(model, "is_loaded_in_4bit", False):
