@@ -309,13 +309,8 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     rest = [r for r in rest if r]
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
-    return tuple(p for p in parsed if not isinstance(p, type(pre)) and not _is_namespace(p))
-
-
-def _is_namespace(obj) -> bool:
-    import argparse
-
-    return isinstance(obj, argparse.Namespace)
+    # HfArgumentParser appends a Namespace for the non-dataclass --config flag; callers want the dataclasses.
+    return tuple(p for p in parsed if not isinstance(p, type(pre)))
 
 
 def dump_config(objs: tuple, path: str | os.PathLike) -> None:
