@@ -120,19 +120,19 @@ class SFTTrainingArguments(TrainingArguments):
 
 
 # ---------------------------------------------------------------- seeds' spellings
-# alias -> (canonical name, value transform or None for "same value")
-ALIASES: dict[str, tuple[str, Any]] = {
-    "tuner_type": ("train_type", None),
-    "lora_r": ("lora_rank", None),
-    "num_epochs": ("num_train_epochs", None),
-    "epochs": ("num_train_epochs", None),
-    "batch_size": ("per_device_train_batch_size", None),
-    "lr": ("learning_rate", None),
-    "attn_implementation": ("attn_impl", None),
-    "dtype": ("torch_dtype", None),
-    "model_name_or_path": ("model", None),
-    "model_id": ("model", None),
-    "output": ("output_dir", None),
+# alias -> canonical name (same value)
+ALIASES: dict[str, str] = {
+    "tuner_type": "train_type",
+    "lora_r": "lora_rank",
+    "num_epochs": "num_train_epochs",
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "lr": "learning_rate",
+    "attn_implementation": "attn_impl",
+    "dtype": "torch_dtype",
+    "model_name_or_path": "model",
+    "model_id": "model",
+    "output": "output_dir",
 }
 FLAG_ALIASES = {
     # flag -> (canonical name, value when set)
@@ -154,7 +154,7 @@ def apply_aliases(cfg: dict, known: set[str] | None = None) -> dict:
         if known is not None and key in known:
             out[key] = value
         elif key in ALIASES:
-            out.setdefault(ALIASES[key][0], value)
+            out.setdefault(ALIASES[key], value)
         elif key in FLAG_ALIASES:
             name, set_value = FLAG_ALIASES[key]
             if _truthy(value):
@@ -177,7 +177,7 @@ def normalize_argv(argv: list[str], known: set[str] | None = None) -> list[str]:
         if known is not None and name in known:
             out.append(arg)
         elif name in ALIASES:
-            out.append(f"--{ALIASES[name][0]}" + (f"={val}" if eq else ""))
+            out.append(f"--{ALIASES[name]}" + (f"={val}" if eq else ""))
         elif name in FLAG_ALIASES:
             canon, set_value = FLAG_ALIASES[name]
             explicit = val if eq else (argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None)

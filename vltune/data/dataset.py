@@ -162,14 +162,12 @@ class SFTCollator:
     (it pads text and batches pixel values the family's way), and build labels
     that cover exactly the trained assistant spans."""
 
-    def __init__(self, processor, loss_scale: str = "default", max_length: int | None = None,
-                 logits_to_keep: bool = False):
+    def __init__(self, processor, loss_scale: str = "default", logits_to_keep: bool = False):
         """logits_to_keep: compute logits only from the first trained position of the batch on (the model's
         `logits_to_keep` argument, labels sliced to match). Same loss; far less lm_head + cross-entropy work,
         which dominates small VLMs with large vocabularies. Enable only for models whose forward accepts it."""
         self.processor = processor
         self.loss_scale = loss_scale
-        self.max_length = max_length
         self.logits_to_keep = logits_to_keep
         tok = getattr(processor, "tokenizer", processor)
         tok.padding_side = "right"
