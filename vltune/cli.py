@@ -11,6 +11,7 @@ COMMANDS = {
     "data": ("vltune.recipes.data", "check a data set before training: `vltune data check --dataset F`"),
     "infer": ("vltune.recipes.infer", "answer prompts with a model (+ adapter): one image, or a whole data set"),
     "export": ("vltune.recipes.export", "merge a LoRA adapter into the model, or a DeepSpeed ZeRO checkpoint to fp32"),
+    "eval": ("vltune.recipes.evaluate", "evaluate a model: `vltune eval grounding ...`"),
 }
 
 USAGE = """usage: vltune <command> [--help] [arguments]

@@ -1,0 +1,23 @@
+"""`vltune eval <task>`: evaluation commands, one module per task (imported lazily)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+TASKS = {
+    "grounding": ("vltune.recipes.eval_grounding", "click accuracy of a model (+ adapters) on a grounding data set"),
+}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        width = max(map(len, TASKS))
+        lines = "\n".join(f"  {k:<{width}}  {v[1]}" for k, v in TASKS.items())
+        print(f"usage: vltune eval <task> [--help] [arguments]\n\ntasks:\n{lines}")
+        return
+    task, rest = argv[0], argv[1:]
+    if task not in TASKS:
+        print(f"vltune eval: unknown task {task!r}; choose one of: {', '.join(TASKS)}", file=sys.stderr)
+        raise SystemExit(2)
+    importlib.import_module(TASKS[task][0]).main(rest)
