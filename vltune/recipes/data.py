@@ -3,6 +3,8 @@
     vltune data check --dataset train.jsonl --model Qwen/Qwen3-VL-8B-Instruct --max_length 4096
     vltune data check --dataset a.jsonl --dataset b.jsonl --model_family qwen2_5_vl --max_pixels 1003520
     vltune data check --dataset users/ --allow_pickle true --users 11-83 --report check.json
+    vltune data synth gui --out data/gui                  # 83 synthetic users: train 11-83, test 1-10 (seeds/04)
+    vltune data synth gui --users 20 --test_users 1-4 --samples_per_user 100 --out data/gui_small
 
 `check` runs, on every sample, the checks `vltune sft` runs before its first step (missing or corrupt
 images, `<image>` tags vs images, empty assistant turns, nothing to train after masking, over
@@ -80,8 +82,97 @@ def check(argv: list[str]) -> int:
     return 1 if summary.failed else 0
 
 
+@dataclass
+class SynthGUIArguments:
+    out: str = field(default="data/gui", metadata={"help": "Output directory (JSONL, per-user pickles, images)."})
+    preset: str | None = field(default=None, metadata={
+        "help": "seeds_small: seeds/04's split (train users 11-83, test users 1-10) at 300 + 100 samples per user "
+                "(the defaults); smoke: 6 users, 20 samples each (tests). Flags given explicitly win."})
+    users: int = field(default=83, metadata={"help": "Number of users, ids 1..N; those not in --test_users train."})
+    test_users: str = field(default="1-10", metadata={"help": "Held-out users (personalisation and evaluation)."})
+    samples_per_user: int = field(default=300, metadata={
+        "help": "Rows per user in train.jsonl (for test users: their own adaptation data)."})
+    test_per_user: int = field(default=100, metadata={
+        "help": "Held-out rows per test user in test.jsonl, on screens never used for training."})
+    screen: str = field(default="512x512", metadata={
+        "help": "Screenshot size WxH in pixels, e.g. 1080x2400 for a phone (train the tiny model with "
+                "--max_pixels 16384 so one vision token covers one grid cell)."})
+    grid: str = field(default="4x4", metadata={"help": "Icon grid COLSxROWS."})
+    per_screen: int = field(default=3, metadata={"help": "Instructions asked about each screenshot."})
+    habit_ratio: float = field(default=0.5, metadata={
+        "help": "Share of habit instructions ('open my music app'), which only the user's own data can answer."})
+    model_family: str = field(default="qwen3_vl", metadata={
+        "help": "Family whose click coordinates the answers use (0-1000 relative, or Qwen2.5-VL's absolute "
+                "pixels of the resized image: then --model / --max_pixels decide the resize)."})
+    model: str | None = field(default=None, metadata={
+        "help": "Model whose processor resizes images (only matters for absolute-pixel families)."})
+    max_pixels: int | None = field(default=None, metadata={"help": "As in training (absolute-pixel families)."})
+    seed: int = field(default=0, metadata={"help": "Seed for users' habits, layouts and instructions."})
+
+
+SYNTH_PRESETS = {
+    "seeds_small": {"users": 83, "test_users": "1-10", "samples_per_user": 300, "test_per_user": 100},
+    "smoke": {"users": 6, "test_users": "1-2", "samples_per_user": 20, "test_per_user": 8},
+}
+
+
+def _size(text: str, flag: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+        return a, b
+    except ValueError:
+        raise SystemExit(f"vltune data synth gui: {flag} takes WxH, e.g. 512x512 (got {text!r})") from None
+
+
+def synth(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] != "gui":
+        print("usage: vltune data synth gui [--help] [arguments]\n\n  gui   synthetic GUI-agent screens with "
+              "per-user habits (seeds/04 layout)")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    import time
+
+    from ..data.formats import parse_users
+    from ..data.synthetic_gui import make_gui_set
+    from ..models.families import FAMILIES
+
+    (args,) = parse_args((SynthGUIArguments,), argv[1:], prog="vltune data synth gui", description=__doc__)
+    if args.preset:
+        if args.preset not in SYNTH_PRESETS:
+            raise SystemExit(f"vltune data synth gui: unknown --preset {args.preset!r}; choose {', '.join(SYNTH_PRESETS)}")
+        given = {a.split("=")[0].lstrip("-") for a in argv[1:] if a.startswith("--")}
+        for k, v in SYNTH_PRESETS[args.preset].items():
+            if k not in given:
+                setattr(args, k, v)
+    test = parse_users(args.test_users) or set()
+    train = sorted(set(range(1, args.users + 1)) - test)
+    if not train or not test or max(test) > args.users:
+        raise SystemExit(f"vltune data synth gui: --test_users {args.test_users} must be a non-empty subset of "
+                         f"1..{args.users} that leaves training users")
+    family = FAMILIES[args.model_family]
+    processor = None
+    if family.coords == "abs_resized":
+        from ..config import ModelArguments
+        from ..models.load import load_processor, resolve_model_path
+
+        path = resolve_model_path(ModelArguments(model=args.model, model_family=args.model_family))
+        processor = load_processor(path, args.max_pixels, None)
+    t0 = time.time()
+    made = make_gui_set(args.out, train_users=",".join(map(str, train)), test_users=args.test_users,
+                        samples_per_user=args.samples_per_user, test_per_user=args.test_per_user,
+                        screen=_size(args.screen, "--screen"), grid=_size(args.grid, "--grid"),
+                        per_screen=args.per_screen, habit_ratio=args.habit_ratio, seed=args.seed,
+                        convention=family.coords, processor=processor)
+    print(f"wrote {made['train_rows']} training rows ({len(train)} users, test users' adaptation rows included) "
+          f"and {made['test_rows']} held-out rows ({len(test)} test users) on {made['screens']} screens to "
+          f"{args.out} in {time.time() - t0:.0f} s:\n  {made['train']}\n  {made['test']}\n"
+          f"  {args.out}/train/user_<id>.pkl, {args.out}/test/user_<id>.pkl (read with --allow_pickle true)\n"
+          f"  {args.out}/users.json (each user's habits)")
+    return 0
+
+
 SUBCOMMANDS = {
     "check": (check, "validate every sample (images, tags, masks, lengths, boxes) without loading the model"),
+    "synth": (synth, "write synthetic data: `vltune data synth gui` (GUI screens with per-user habits)"),
 }
 
 

@@ -5,6 +5,8 @@
     vltune infer --adapters out/global_lora --dataset test.jsonl --output preds.jsonl --batch_size 16
     vltune infer --image a.png --image b.png --prompt "<image>before <image>after: what changed?"
     vltune infer --adapters output/sft --image board.png --prompt "Click the red circle"   # tiny model, offline
+    vltune infer --model out/global --per_user_adapters out/personal --dataset test.jsonl --output preds.jsonl
+    vltune infer --model out/global --per_user_adapters out/personal --user 3 --image s.png --prompt "Open my music app"
 
 Greedy decoding unless --do_sample true (then --temperature / --top_p / --top_k apply); --num_beams > 1 for
 beam search. Without --model the embedded tiny model of --model_family is used, like `vltune sft`.
@@ -14,6 +16,11 @@ there, so inference sees images exactly as training did.
 Batch mode writes one JSON object per line: {"where": "file:line", "prompt": last user turn,
 "images": [...], "answer": ..., "reference": the sample's final assistant turn or null}; a sample that
 cannot be run (missing image, <image> tags vs images) gets "error" instead of "answer" and the rest go on.
+
+With --per_user_adapters (the --output_dir of `vltune personalize`), the global model (--model, + --adapters
+merged) is loaded once and each sample is answered by its user's adapter (the `user` column; --user for
+--prompt), switching adapters on the loaded model; a user without an adapter gets the global model.
+Records keep the data set's order.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ logger = logging.getLogger("vltune")
 class InferArguments:
     adapters: str | None = field(default=None, metadata={
         "help": "A LoRA adapter directory (the --output_dir of `vltune sft --train_type lora`) applied on --model."})
+    per_user_adapters: str | None = field(default=None, metadata={
+        "help": "The --output_dir of `vltune personalize`: answer each sample with its user's adapter on the "
+                "global model (loaded once; adapters switched, not reloaded)."})
+    user: int | None = field(default=None, metadata={
+        "help": "With --per_user_adapters and --prompt: whose adapter answers."})
     image: list[str] = field(default_factory=list, metadata={
         "help": "Image file(s) for one prompt (repeat the flag or list several). Without <image> tags in --prompt, "
                 "all images go before the text."})
@@ -127,6 +139,21 @@ def answer_samples(model, processor, samples: list, args: InferArguments, gen: d
                     yield s, None, e.message
 
 
+def _answer_per_user(bank, processor, samples: list, args: InferArguments, gen: dict):
+    """answer_samples, user by user with that user's adapter active; yields in the data set's order."""
+    from collections import defaultdict
+
+    groups: dict = defaultdict(list)
+    for i, s in enumerate(samples):
+        groups[s.extra.get("user")].append(i)
+    results: list = [None] * len(samples)
+    for user, idx in groups.items():
+        with bank.use(None if user is None else int(user)) as model:
+            for i, got in zip(idx, answer_samples(model, processor, [samples[i] for i in idx], args, gen)):
+                results[i] = got
+    yield from results
+
+
 def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
     """Run single or batch inference; return the records (single mode: one, with the answer)."""
     from transformers import set_seed
@@ -147,12 +174,24 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
         samples = samples[: args.num_samples] if args.num_samples else samples
         for e in errors:
             logger.warning("[data] skipped unreadable record: %s", e)
-    model, processor, _ = load_for_inference(model_args, args.adapters)
+    if args.user is not None and not args.per_user_adapters:
+        raise SystemExit("vltune infer: --user picks an adapter of --per_user_adapters; give that too")
+    if args.per_user_adapters:
+        from ..models.adapters import UserAdapters, load_global
+
+        model, processor, _ = load_global(model_args, args.adapters or model_args.model)
+        bank = UserAdapters(model, args.per_user_adapters)
+        if args.prompt:
+            samples[0].extra["user"] = args.user
+        answered = _answer_per_user(bank, processor, samples, args, gen)
+    else:
+        model, processor, _ = load_for_inference(model_args, args.adapters)
+        answered = answer_samples(model, processor, samples, args, gen)
 
     records = []
     out = open(args.output, "w", encoding="utf-8") if args.output else None
     try:
-        for sample, answer, error in answer_samples(model, processor, samples, args, gen):
+        for sample, answer, error in answered:
             record = prediction_record(sample, answer, error)
             records.append(record)
             if error is not None:

@@ -46,17 +46,21 @@ class SFTResult:
 
 
 # ---------------------------------------------------------------------------- data
-def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, convention: str):
-    """Read, validate and split the data; return (train, eval or None, report)."""
+def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, convention: str,
+                   samples: list | None = None):
+    """Read (unless `samples` are given), validate and split the data; return (train, eval or None, report)."""
     specs = list(data.dataset)
-    if not specs:
+    if samples is not None:
+        read_errors: list = []
+    elif not specs:
         from ..data.synthetic import make_grounding_set
 
         made = make_grounding_set(Path(output_dir) / "demo_data", n_train=512, n_test=64, seed=seed,
                                   convention=convention, processor=processor)
         specs = [made["train"]]
         logger.info("[data] no --dataset given: using the demo's synthetic grounding set (%s)", made["train"])
-    samples, read_errors = read_dataset(specs, users=data.users, allow_pickle=data.allow_pickle)
+    if samples is None:
+        samples, read_errors = read_dataset(specs, users=data.users, allow_pickle=data.allow_pickle)
     if data.num_samples:
         samples = samples[: data.num_samples]
     kept, lengths, report = validate_samples(samples, processor, data.max_length, data.loss_scale, read_errors)
@@ -86,8 +90,11 @@ def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, c
 
 
 # ---------------------------------------------------------------------------- model
-def build_model(model_args: ModelArguments, tuner: TunerArguments, args: SFTTrainingArguments, path: str):
-    model = load_model(path, model_args, tuner.train_type, tuner.quant_bits, tuner.bnb_4bit_quant_type)
+def build_model(model_args: ModelArguments, tuner: TunerArguments, args: SFTTrainingArguments, path: str,
+                model: torch.nn.Module | None = None):
+    """Load the model (or take an already loaded one, e.g. `vltune personalize`'s global model) and apply the tuner."""
+    if model is None:
+        model = load_model(path, model_args, tuner.train_type, tuner.quant_bits, tuner.bnb_4bit_quant_type)
     model = apply_tuner(model, tuner)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs)
@@ -113,7 +120,10 @@ def _resume_arg(value):
 
 # ---------------------------------------------------------------------------- recipe
 def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArguments, args: SFTTrainingArguments,
-            callbacks: list | None = None) -> SFTResult:
+            callbacks: list | None = None, model: torch.nn.Module | None = None, processor=None,
+            samples: list | None = None) -> SFTResult:
+    """Train and save. `model` / `processor` / `samples` let a caller that already holds them (vltune
+    personalize: one loaded global model, many users) skip loading; the tuner is applied to `model` in place."""
     from transformers import Trainer, set_seed
 
     setup_logging()
@@ -126,14 +136,15 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
         if is_main_process():
             dump_config((model_args, tuner, data, args), out / "args.json")
         path = resolve_model_path(model_args)
-        processor = load_processor(path, model_args.max_pixels, model_args.min_pixels, model_args.trust_remote_code)
+        if processor is None:
+            processor = load_processor(path, model_args.max_pixels, model_args.min_pixels, model_args.trust_remote_code)
         from transformers import AutoConfig
 
         family = family_for_model_type(AutoConfig.from_pretrained(path).model_type)
         logger.info("[model] %s (family %s, coordinates %s)", path, family.name, family.coords)
 
-        train_ds, eval_ds, report = build_datasets(data, processor, args.seed, str(out), family.coords)
-        model = build_model(model_args, tuner, args, path)
+        train_ds, eval_ds, report = build_datasets(data, processor, args.seed, str(out), family.coords, samples)
+        model = build_model(model_args, tuner, args, path, model)
         collator = SFTCollator(processor, data.loss_scale, logits_to_keep=accepts_logits_to_keep(model))
 
         # Preflight on a real batch, on the device Trainer will use.

@@ -1,0 +1,245 @@
+"""GUI agents (seeds/04): synthetic per-user data, per-user adapters on one loaded global model,
+adapter routing in `vltune infer`, and the zero-shot / global / personalised grounding report."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vltune.data.formats import read_dataset
+from vltune.data.synthetic_gui import APP_CATEGORY, APP_LOOKS, CATEGORIES, make_gui_set
+from vltune.eval.coords import from_model_coords, parse_click
+
+# ---------------------------------------------------------------------------- synthetic data
+
+
+@pytest.fixture(scope="module")
+def gui_set(tmp_path_factory):
+    return make_gui_set(tmp_path_factory.mktemp("gui") / "data", train_users="3-6", test_users="1-2",
+                        samples_per_user=12, test_per_user=6, seed=3)
+
+
+def test_gui_set_layout_and_split(gui_set):
+    root = Path(gui_set["dir"])
+    train, errors = read_dataset(gui_set["train"])
+    test, _ = read_dataset(gui_set["test"])
+    assert not errors
+    assert sorted({s.extra["user"] for s in train}) == [1, 2, 3, 4, 5, 6]
+    assert sorted({s.extra["user"] for s in test}) == [1, 2]  # held-out rows only for the test users
+    assert len(train) == 6 * 12 and len(test) == 2 * 6
+    assert not {s.images[0] for s in train} & {s.images[0] for s in test}  # held-out screens are new screens
+    # the seeds/04 layout: one pickle per user, readable only with the opt-in, same rows as the JSONL
+    assert sorted(p.name for p in (root / "train").iterdir()) == [f"user_{u}.pkl" for u in (1, 2, 3, 4, 5, 6)]
+    from_pickles, perr = read_dataset(str(root / "train"), users="3-6", allow_pickle=True)
+    assert not perr and len(from_pickles) == 4 * 12
+    jsonl_users_3_6 = [s for s in train if s.extra["user"] >= 3]
+    assert [s.messages for s in from_pickles] == [s.messages for s in jsonl_users_3_6]
+    assert [Path(s.images[0]).resolve() for s in from_pickles] == [Path(s.images[0]).resolve() for s in jsonl_users_3_6]
+    with open(root / "train" / "user_3.pkl", "rb") as f:
+        conv = pickle.load(f)[0]
+    assert conv["messages"][0]["content"][0]["type"] == "image"  # seeds/04 content lists with image paths
+
+
+def test_gui_answers_point_at_the_target(gui_set):
+    from PIL import Image
+
+    train, _ = read_dataset(gui_set["train"])
+    for s in train:
+        t = s.extra["target"]
+        w, h = Image.open(s.images[0]).size
+        assert [w, h] == t["size"]
+        x, y = from_model_coords(*parse_click(s.messages[-1]["content"][0]["text"]), w, h, "rel1000")
+        x1, y1, x2, y2 = t["box"]
+        assert x1 <= x <= x2 and y1 <= y <= y2
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+
+
+def test_habits_need_the_user(gui_set):
+    """A habit instruction always has a rival app of the same category on screen, and its answer is the
+    user's own preferred app: the screen alone cannot tell, the user's data can."""
+    users = json.loads((Path(gui_set["dir"]) / "users.json").read_text())
+    train, _ = read_dataset(gui_set["train"])
+    habits = [s for s in train if s.extra["kind"] == "habit"]
+    assert habits and any(s.extra["kind"] == "explicit" for s in train)
+    by_screen = {}
+    for s in train:
+        by_screen.setdefault(s.images[0], set()).add(s.extra["app"])
+    for s in habits:
+        cat = s.extra["category"]
+        assert s.extra["app"] == users[str(s.extra["user"])]["preferred"][cat]
+        assert APP_CATEGORY[s.extra["app"]] == cat
+    assert len(set(APP_LOOKS.values())) == len(APP_LOOKS) == sum(map(len, CATEGORIES.values()))
+
+
+def test_gui_set_absolute_coordinates_follow_the_processor(tmp_path, processor_for):
+    """Qwen2.5-VL answers in pixels of the resized image: targets are built through the processor."""
+    proc = processor_for("qwen2_5_vl")
+    made = make_gui_set(tmp_path / "d", train_users="2", test_users="1", samples_per_user=3, test_per_user=1,
+                        screen=(640, 480), convention="abs_resized", processor=proc, pickles=False)
+    s = read_dataset(made["train"])[0][0]
+    x, y = from_model_coords(*parse_click(s.messages[-1]["content"][0]["text"]), 640, 480, "abs_resized", proc)
+    x1, y1, x2, y2 = s.extra["target"]["box"]
+    assert x1 <= x <= x2 and y1 <= y <= y2
+
+
+def test_synth_cli(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vltune", "data", "synth", "gui", "--preset", "smoke",
+                           "--samples_per_user", "5", "--out", str(tmp_path / "g")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "g" / "meta.json").read_text())
+    assert meta["train_rows"] == 6 * 5 and meta["test_rows"] == 2 * 8  # preset + an explicit flag that wins
+    bad = subprocess.run([sys.executable, "-m", "vltune", "data", "synth", "gui", "--users", "3",
+                          "--test_users", "1-5", "--out", str(tmp_path / "h")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--test_users" in bad.stderr
+
+
+# ---------------------------------------------------------------------------- personalisation
+USER_ANSWERS = {1: "click(125, 127)", 2: "click(875, 877)"}
+
+
+@pytest.fixture(scope="module")
+def personalised(tmp_path_factory, tiny_path):
+    """Two users whose every answer is their own constant click; `vltune personalize` on the tiny model as
+    the global model. Only an adapter trained on exactly its user's rows answers that user's click."""
+    from vltune.data.synthetic import make_grounding_set
+    from vltune.recipes.personalize import main as personalize_main
+
+    root = tmp_path_factory.mktemp("personal")
+    made = make_grounding_set(root / "data", n_train=16, n_test=4, seed=2)
+    rows = [json.loads(line) for line in Path(made["train"]).read_text().splitlines()]
+    out_rows = []
+    for i, r in enumerate(rows):
+        user = 1 + i % 2
+        r["user"] = user
+        r["messages"][-1]["content"] = USER_ANSWERS[user]
+        x, y = (16, 16) if user == 1 else (112, 112)  # the answer's point on the 128 px board
+        r["target"] = {"box": [x - 8, y - 8, x + 8, y + 8], "point": [x, y], "size": [128, 128]}
+        out_rows.append(r)
+    data = root / "data" / "users.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in out_rows))
+    calls = []
+    import vltune.models.inference as inference
+
+    original = inference.load_model
+    inference.load_model = lambda *a, **k: calls.append(a[0]) or original(*a, **k)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = personalize_main([
+            "--base", tiny_path(), "--dataset", str(data), "--users", "1-2", "--output_dir", str(root / "out"),
+            "--max_steps", "120", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+            "--lora_dropout", "0", "--per_device_train_batch_size", "2", "--report_to", "none",
+            "--save_strategy", "no", "--logging_steps", "40", "--gradient_checkpointing", "false"])
+    finally:
+        inference.load_model = original
+        torch.set_num_threads(threads)
+    return {"root": root, "data": str(data), "out": root / "out", "summary": summary, "loads": calls}
+
+
+def test_personalize_loads_the_global_model_once_and_writes_one_adapter_per_user(personalised, tiny_path):
+    out = personalised["out"]
+    assert personalised["loads"] == [tiny_path()]  # one load for both users
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["user_1", "user_2"]
+    for user in (1, 2):
+        adapter = out / "adapters" / f"user_{user}"
+        assert (adapter / "adapter_config.json").is_file() and (adapter / "processor_config.json").is_file()
+        report = json.loads((adapter / "data_report.json").read_text())
+        assert report["total"] == 8  # only this user's rows
+    summary = json.loads((out / "personalize.json").read_text())
+    assert set(summary["users"]) == {"1", "2"} and summary["users"]["1"]["steps"] == 120
+
+
+def test_user_adapters_switch_on_one_model(personalised, tiny_path):
+    """Logits with a user's adapter active equal a fresh base + that adapter; switching back and forth and
+    disabling adapters gives the same numbers every time."""
+    from peft import PeftModel
+
+    from vltune.config import ModelArguments
+    from vltune.models.adapters import UserAdapters, load_global
+    from vltune.models.inference import load_for_inference
+
+    model, processor, _ = load_global(ModelArguments(), tiny_path())
+    bank = UserAdapters(model, personalised["out"])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=ids).logits
+
+    with bank.use(None) as m:
+        plain = logits(m)
+    got = {}
+    for user in (1, 2, 1, None, 2):
+        with bank.use(user) as m:
+            got.setdefault(user, []).append(logits(m))
+    for user, outs in got.items():
+        assert all(torch.equal(o, outs[0]) for o in outs)
+    assert torch.equal(got[None][0], plain)
+    assert not torch.allclose(got[1][0], got[2][0])
+    for user in (1, 2):
+        fresh, _, _ = load_for_inference(ModelArguments(model=tiny_path()))
+        fresh = PeftModel.from_pretrained(fresh, str(personalised["out"] / "adapters" / f"user_{user}"))
+        assert torch.allclose(logits(fresh.eval()), got[user][0], atol=1e-6)
+
+
+def test_infer_routes_each_row_to_its_users_adapter(personalised, tiny_path, tmp_path):
+    preds = tmp_path / "preds.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "vltune", "infer", "--model", tiny_path(), "--per_user_adapters",
+                           str(personalised["out"]), "--dataset", personalised["data"], "--output", str(preds),
+                           "--max_new_tokens", "12", "--batch_size", "3"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in preds.read_text().splitlines()]
+    rows = [json.loads(line) for line in Path(personalised["data"]).read_text().splitlines()]
+    assert [r["where"].rsplit(":", 1)[1] for r in records] == [str(i + 1) for i in range(len(rows))]  # data order
+    for rec, row in zip(records, rows):
+        assert rec["answer"].strip() == USER_ANSWERS[row["user"]]
+
+
+def test_eval_grounding_compares_zero_shot_global_and_personalised(personalised, tiny_path, tmp_path):
+    from vltune.recipes.eval_grounding import main as eval_main
+
+    out = tmp_path / "eval"
+    report = eval_main(["--model", tiny_path(), "--per_user_adapters", str(personalised["out"]), "--zero_shot",
+                        tiny_path(), "--dataset", personalised["data"], "--output_dir", str(out),
+                        "--max_new_tokens", "12"])
+    setups = report["setups"]
+    assert list(setups) == ["zero-shot", "global", "personalised"]
+    assert setups["personalised"]["overall"]["click_accuracy"] == 1.0
+    assert setups["personalised"]["overall"]["mean_distance_px"] == pytest.approx(0.0, abs=0.5)
+    assert setups["global"]["overall"]["click_accuracy"] == 0.0  # the random tiny model never clicks there
+    assert setups["global"]["overall"]["unparseable_rate"] > 0.5
+    assert set(setups["personalised"]["per_user"]) == {"1", "2"}
+    md = (out / "report.md").read_text()
+    assert "| personalised | 100.0% |" in md and "## Per user" in md
+    assert (out / "clicks_personalised.png").stat().st_size > 0
+    lines = (out / "predictions_personalised.jsonl").read_text().splitlines()
+    assert len(lines) == 16 and all(json.loads(line)["ok"] for line in lines)
+    assert json.loads((out / "report.json").read_text())["setups"]["global"]["overall"]["n"] == 16
+
+
+def test_breakdown_scores():
+    from vltune.recipes.eval_grounding import breakdown
+
+    recs = [{"user": 1, "kind": "habit", "pred": [1, 1], "ok": True, "distance_px": 2.0},
+            {"user": 1, "kind": "explicit", "pred": None, "ok": False, "distance_px": None},
+            {"user": 2, "kind": "habit", "pred": [5, 5], "ok": False, "distance_px": 10.0}]
+    b = breakdown(recs)
+    assert b["overall"] == {"n": 3, "click_accuracy": 1 / 3, "mean_distance_px": 6.0, "unparseable_rate": 1 / 3}
+    assert b["per_user"]["1"]["click_accuracy"] == 0.5 and b["per_kind"]["habit"]["n"] == 2
+
+
+def test_personalize_refuses_full_and_needs_users_data(tmp_path, tiny_path, grounding_jsonl):
+    from vltune.recipes.personalize import main as personalize_main
+
+    with pytest.raises(SystemExit, match="--train_type lora"):
+        personalize_main(["--base", tiny_path(), "--dataset", grounding_jsonl, "--train_type", "full",
+                          "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="no user of --users"):  # the demo set has no `user` column
+        personalize_main(["--base", tiny_path(), "--dataset", grounding_jsonl, "--users", "1-2",
+                          "--output_dir", str(tmp_path / "o")])

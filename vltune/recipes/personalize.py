@@ -1,0 +1,126 @@
+"""vltune personalize: one LoRA adapter per user on top of a global model (seeds/04's second stage).
+
+    vltune personalize --base out/global --dataset data/gui/train.jsonl --users 1-10 --output_dir out/personal
+    vltune personalize --base out/global_lora --dataset data/gui/train --allow_pickle true --users 1-10 ...
+    vltune personalize --config examples/gui_agent_personalize.yaml
+
+The global model (`--base`: the --output_dir of `vltune sft`, full weights or a LoRA adapter, which is merged
+in memory) is loaded once; then, for each user of --users, a fresh LoRA adapter is trained on that user's
+own samples only (rows whose `user` column, or whose user_<id>.pkl file, is that user), saved to
+`<output_dir>/adapters/user_<id>/`, and removed again, leaving the global weights untouched for the next
+user. Every `vltune sft` flag applies per user (--lora_rank, --learning_rate, --num_train_epochs, ...).
+
+Writes: adapters/user_<id>/ (adapter, processor, args.json, train.log, loss.png per user),
+personalize.json (per user: samples, steps, final loss, seconds) and README.md.
+Use them with `vltune eval grounding --model <base> --per_user_adapters <output_dir>` and
+`vltune infer --model <base> --per_user_adapters <output_dir> --dataset ...` (each row goes to its user's adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
+from ..console import setup_logging
+
+logger = logging.getLogger("vltune")
+
+
+@dataclass
+class PersonalizeArguments:
+    base: str | None = field(default=None, metadata={
+        "help": "The global model: the --output_dir of `vltune sft` (full weights, or a LoRA adapter that is "
+                "merged into its base in memory). Loaded once for all users."})
+    min_user_samples: int = field(default=1, metadata={
+        "help": "Users with fewer samples are skipped (and listed) instead of getting an adapter."})
+
+
+def _weights_checksum(model: torch.nn.Module) -> float:
+    """A cheap fingerprint of the trainable-by-default weights, to prove a user's run left them untouched."""
+    with torch.no_grad():
+        return float(sum(p.double().sum() for n, p in model.named_parameters() if "lora_" not in n))
+
+
+def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: DataArguments,
+                    args: SFTTrainingArguments, p: PersonalizeArguments) -> dict:
+    from ..data.formats import parse_users, read_dataset
+    from ..models.adapters import load_global
+    from .sft import run_sft
+
+    setup_logging()
+    if tuner.train_type not in ("lora",):
+        raise SystemExit("vltune personalize trains one LoRA adapter per user: use --train_type lora "
+                         "(full or qlora copies of the model per user are what this command avoids)")
+    if not data.dataset:
+        raise SystemExit("vltune personalize: give the users' data with --dataset (JSONL with a `user` column, "
+                         "or a per-user pickle dir with --allow_pickle true)")
+    root = Path(args.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    samples, errors = read_dataset(data.dataset, users=data.users, allow_pickle=data.allow_pickle)
+    for e in errors:
+        logger.warning("[data] skipped unreadable record: %s", e)
+    by_user: dict[int, list] = defaultdict(list)
+    untagged = 0
+    for s in samples:
+        if "user" in s.extra:
+            by_user[int(s.extra["user"])].append(s)
+        else:
+            untagged += 1
+    if untagged:
+        logger.warning("[data] %d sample(s) without a `user` column are ignored", untagged)
+    wanted = sorted(parse_users(data.users) or by_user)
+    missing = [u for u in wanted if len(by_user.get(u, ())) < p.min_user_samples]
+    users = [u for u in wanted if u not in missing]
+    if missing:
+        logger.warning("[data] no adapter for user(s) %s: fewer than %d sample(s)", missing, p.min_user_samples)
+    if not users:
+        raise SystemExit(f"vltune personalize: no user of --users {data.users} has samples in {data.dataset}")
+
+    t0 = time.time()
+    model, processor, described = load_global(model_args, p.base)
+    model.train()
+    base_path = p.base or described
+    checksum = _weights_checksum(model)
+    logger.info("[personalize] global model %s loaded once; %d user(s): %s", described, len(users), users)
+    dump_config((model_args, tuner, data, args, p), root / "args.json")
+
+    summary = {"base": base_path, "users": {}, "skipped_users": missing}
+    for i, user in enumerate(users, 1):
+        logger.info("[personalize] user %d (%d/%d): %d sample(s)", user, i, len(users), len(by_user[user]))
+        user_args = replace(args, output_dir=str(root / "adapters" / f"user_{user}"))
+        t_user = time.time()
+        result = run_sft(replace(model_args, model=p.base or model_args.model), tuner,
+                         replace(data, users=str(user)), user_args, model=model, processor=processor,
+                         samples=by_user[user])
+        peft_model = result.model
+        model = peft_model.unload()  # drop this user's LoRA layers: the global weights come back as they were
+        if abs(_weights_checksum(model) - checksum) > 1e-6 * max(1.0, abs(checksum)):
+            raise RuntimeError(f"user {user}: the global weights changed during personalisation (a bug): "
+                               f"adapters trained after this one would start from the wrong model")
+        state = Path(result.output_dir) / "trainer_state.json"
+        summary["users"][user] = {"samples": len(by_user[user]), "adapter": result.output_dir,
+                                  "train_loss": result.metrics.get("train_loss"),
+                                  "steps": json.loads(state.read_text())["global_step"] if state.is_file() else None,
+                                  "seconds": round(time.time() - t_user, 1)}
+    summary["total_seconds"] = round(time.time() - t0, 1)
+    (root / "personalize.json").write_text(json.dumps(summary, indent=2))
+    (root / "README.md").write_text(
+        f"# vltune personalize output\n\n- global model: `{base_path}`\n- users: {users}\n"
+        f"- adapters: `adapters/user_<id>/` (PEFT LoRA on the global model)\n\n"
+        f"Evaluate: `vltune eval grounding --model {base_path} --per_user_adapters {root} --dataset ...`\n")
+    logger.info("[personalize] %d adapter(s) in %s (%.0f s)", len(users), root / "adapters", summary["total_seconds"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, tuner, data, args, p = parse_args(
+        (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments, PersonalizeArguments), argv,
+        prog="vltune personalize", description=__doc__)
+    return run_personalize(model_args, tuner, data, args, p)
