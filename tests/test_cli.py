@@ -89,6 +89,24 @@ def test_example_configs_parse(name, tmp_path):
         assert data.users == "11-83" and model.max_pixels == 1280 * 28 * 28 and args.gradient_accumulation_steps == 8
 
 
+def test_personalize_example_config_parses(tmp_path):
+    from vltune.recipes.personalize import PersonalizeArguments
+
+    path = Path(__file__).parent.parent / "examples" / "gui_agent_personalize.yaml"
+    model, tuner, data, args, p = parse_args((*GROUPS, PersonalizeArguments),
+                                             ["--config", str(path), "--base", "g", "--output_dir", str(tmp_path)])
+    assert tuner.train_type == "lora" and data.users == "1-10" and p.base == "g" and args.save_strategy == "no"
+
+
+def test_eval_and_personalize_help():
+    for argv in (["eval", "--help"], ["eval", "grounding", "--help"], ["personalize", "--help"],
+                 ["data", "synth", "gui", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "vltune", *argv], capture_output=True, text=True)
+        assert out.returncode == 0, (argv, out.stderr)
+    out = subprocess.run([sys.executable, "-m", "vltune", "eval", "nope"], capture_output=True, text=True)
+    assert out.returncode == 2 and "grounding" in out.stderr
+
+
 def test_repeated_list_flags_accumulate(tmp_path):
     """`--dataset a --dataset b` means both (argparse alone would keep only b); `--dataset a b` too."""
     _, _, data, _ = parse_args(GROUPS, ["--dataset", "a.jsonl", "--dataset", "b.jsonl", "--output_dir", str(tmp_path)])

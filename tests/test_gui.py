@@ -243,3 +243,17 @@ def test_personalize_refuses_full_and_needs_users_data(tmp_path, tiny_path, grou
     with pytest.raises(SystemExit, match="no user of --users"):  # the demo set has no `user` column
         personalize_main(["--base", tiny_path(), "--dataset", grounding_jsonl, "--users", "1-2",
                           "--output_dir", str(tmp_path / "o")])
+
+
+@pytest.mark.slow
+def test_gui_agents_example_personalised_beats_global_beats_zero_shot(tmp_path):
+    """examples/gui_agents.sh end to end (~30 min on 2 CPU cores): on the test users' held-out screens,
+    personalised > global > zero-shot, and the gain comes from the habit instructions."""
+    script = Path(__file__).parent.parent / "examples" / "gui_agents.sh"
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "gui")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    setups = json.loads((tmp_path / "gui" / "eval" / "report.json").read_text())["setups"]
+    acc = {name: s["overall"]["click_accuracy"] for name, s in setups.items()}
+    assert acc["personalised"] > acc["global"] > acc["zero-shot"]
+    habit = {name: s["per_kind"]["habit"]["click_accuracy"] for name, s in setups.items()}
+    assert habit["personalised"] >= habit["global"] + 0.2

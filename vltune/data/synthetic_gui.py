@@ -135,18 +135,39 @@ def _screen_samples(rng: random.Random, profile: UserProfile, n: int, habit_rati
                     cols: int, rows: int, icons: tuple[int, int]):
     """One screen and up to `n` instructions on it: [(instruction, target app, kind)], image, boxes."""
     n_icons = rng.randint(*icons)
-    habit_cats = rng.sample(list(CATEGORIES), k=min(len(CATEGORIES), max(1, n_icons // 3)))
+    # Icons on one screen have distinct colours: the tiny model's pretrained vision tower reads colour per
+    # cell, not glyph shape, so same-coloured icons would be a visual ambiguity rather than a habit.
+    # Sparse screens (1 icon) only get explicit instructions; they teach reading positions first, the way
+    # the demo's 1-shape boards do. Denser screens show one or two habit categories, each with the user's
+    # app and a rival from the same category.
     apps: list[str] = []
-    for cat in habit_cats:  # each habit category on screen shows the user's app and at least one rival
-        rival = rng.choice([a for a in CATEGORIES[cat] if a != profile.preferred[cat]])
-        apps += [profile.preferred[cat], rival]
-    others = [a for a in APP_LOOKS if a not in apps]
-    apps += rng.sample(others, k=max(0, n_icons - len(apps)))
+    used: set[str] = set()
+    habit_cats: list[str] = []
+    if n_icons >= 2:
+        for cat in rng.sample(list(CATEGORIES), k=len(CATEGORIES)):
+            if len(habit_cats) == max(1, n_icons // 3):
+                break
+            mine = profile.preferred[cat]
+            rivals = [a for a in CATEGORIES[cat] if a != mine and APP_LOOKS[a][0] not in used | {APP_LOOKS[mine][0]}]
+            if APP_LOOKS[mine][0] in used or not rivals:
+                continue
+            rival = rng.choice(rivals)
+            apps += [mine, rival]
+            used |= {APP_LOOKS[mine][0], APP_LOOKS[rival][0]}
+            habit_cats.append(cat)
+    others = [a for a in APP_LOOKS if a not in apps and APP_LOOKS[a][0] not in used]
+    rng.shuffle(others)
+    for a in others:
+        if len(apps) >= n_icons:
+            break
+        if APP_LOOKS[a][0] not in used:
+            apps.append(a)
+            used.add(APP_LOOKS[a][0])
     rng.shuffle(apps)
     img, boxes = render_screen(rng, apps, width, height, cols, rows)
     asks = []
     for _ in range(n):
-        if rng.random() < habit_ratio:
+        if habit_cats and rng.random() < habit_ratio:
             cat = rng.choice(habit_cats)
             target, kind = profile.preferred[cat], "habit"
         else:
@@ -158,7 +179,7 @@ def _screen_samples(rng: random.Random, profile: UserProfile, n: int, habit_rati
 def make_gui_set(out_dir: str | Path, train_users: str = SEEDS_SPLIT["train_users"],
                  test_users: str = SEEDS_SPLIT["test_users"], samples_per_user: int = 300, test_per_user: int = 100,
                  screen: tuple[int, int] = (512, 512), grid: tuple[int, int] = (4, 4), per_screen: int = 3,
-                 habit_ratio: float = 0.5, icons: tuple[int, int] = (5, 9), seed: int = 0,
+                 habit_ratio: float = 0.5, icons: tuple[int, int] = (1, 6), seed: int = 0,
                  convention: str = "rel1000", processor=None, pickles: bool = True) -> dict:
     """Write the GUI set under `out_dir` (layout in the module docstring); return paths and counts.
 
@@ -173,8 +194,9 @@ def make_gui_set(out_dir: str | Path, train_users: str = SEEDS_SPLIT["train_user
     (out / "images").mkdir(parents=True, exist_ok=True)
     width, height = screen
     cols, rows = grid
-    if icons[1] > cols * rows:
-        raise ValueError(f"up to {icons[1]} icons do not fit a {cols}x{rows} grid")
+    if icons[1] > cols * rows or icons[1] > len(COLORS):
+        raise ValueError(f"up to {icons[1]} icons do not fit a {cols}x{rows} grid with distinct colours "
+                         f"({len(COLORS)} colours)")
     train_ids, test_ids = sorted(parse_users(train_users) or ()), sorted(parse_users(test_users) or ())
     if set(train_ids) & set(test_ids):
         raise ValueError(f"train users and test users overlap: {sorted(set(train_ids) & set(test_ids))}")

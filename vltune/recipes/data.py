@@ -157,13 +157,15 @@ def synth(argv: list[str]) -> int:
         path = resolve_model_path(ModelArguments(model=args.model, model_family=args.model_family))
         processor = load_processor(path, args.max_pixels, None)
     t0 = time.time()
-    made = make_gui_set(args.out, train_users=",".join(map(str, train)), test_users=args.test_users,
+    train_spec = f"{train[0]}-{train[-1]}" if train == list(range(train[0], train[-1] + 1)) else ",".join(map(str, train))
+    made = make_gui_set(args.out, train_users=train_spec, test_users=args.test_users,
                         samples_per_user=args.samples_per_user, test_per_user=args.test_per_user,
                         screen=_size(args.screen, "--screen"), grid=_size(args.grid, "--grid"),
                         per_screen=args.per_screen, habit_ratio=args.habit_ratio, seed=args.seed,
                         convention=family.coords, processor=processor)
-    print(f"wrote {made['train_rows']} training rows ({len(train)} users, test users' adaptation rows included) "
-          f"and {made['test_rows']} held-out rows ({len(test)} test users) on {made['screens']} screens to "
+    print(f"wrote {made['train_rows']} rows to train on ({len(train)} training users {train_spec}, plus the "
+          f"adaptation rows of the {len(test)} test users {args.test_users}) and {made['test_rows']} held-out rows "
+          f"of the test users, on {made['screens']} screens, to "
           f"{args.out} in {time.time() - t0:.0f} s:\n  {made['train']}\n  {made['test']}\n"
           f"  {args.out}/train/user_<id>.pkl, {args.out}/test/user_<id>.pkl (read with --allow_pickle true)\n"
           f"  {args.out}/users.json (each user's habits)")
