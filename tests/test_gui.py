@@ -257,3 +257,25 @@ def test_gui_agents_example_personalised_beats_global_beats_zero_shot(tmp_path):
     assert acc["personalised"] > acc["global"] > acc["zero-shot"]
     habit = {name: s["per_kind"]["habit"]["click_accuracy"] for name, s in setups.items()}
     assert habit["personalised"] >= habit["global"] + 0.2
+
+
+def test_global_model_keeps_its_training_resize(tmp_path, tiny_path):
+    """A global model saved with --max_pixels 16384 is evaluated at that resize (clicks would drift for
+    Qwen2.5-VL otherwise); an explicit --max_pixels still wins."""
+    from transformers import AutoModelForImageTextToText
+
+    from vltune.config import ModelArguments
+    from vltune.eval.coords import resized_size
+    from vltune.models.adapters import load_global
+    from vltune.models.load import load_processor, set_pixel_bounds
+
+    path = tiny_path("qwen2_5_vl")
+    saved = tmp_path / "global"
+    AutoModelForImageTextToText.from_pretrained(path).save_pretrained(saved)
+    proc = load_processor(path)
+    set_pixel_bounds(proc, 16384, None)
+    proc.save_pretrained(saved)
+    _, got, _ = load_global(ModelArguments(), str(saved))
+    assert resized_size(got, 512, 512) == resized_size(proc, 512, 512) == (112, 112)
+    _, bigger, _ = load_global(ModelArguments(max_pixels=200_000), str(saved))
+    assert resized_size(bigger, 512, 512)[0] > 112
