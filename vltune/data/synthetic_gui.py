@@ -2,12 +2,13 @@
 
 Each screenshot is a phone/tablet home screen: a status bar, then a grid of app icons (a coloured glyph
 with the app's name under it) on a lightly varied background, icon sizes varying per screen. Every app
-has a fixed look (colour x glyph), like real apps, so "Open Atlas" is answerable from the screen once
-the model has learned what Atlas looks like.
+has a fixed look, like real apps, so "Open Atlas" is answerable from the screen once the model has
+learned what Atlas looks like. The looks are what the embedded tiny model can read (its vision tower was
+pretrained on six colours, one token per grid cell): one colour per app. A real VLM reads the label.
 
 Users differ in what a screen cannot tell: each user has a preferred app per category ("my music app",
-"my usual browser") drawn from a skewed population prior, and a favourite verb ("Open", "Launch", ...).
-A habit instruction always shows at least two apps of its category, one of them the user's, so a global
+"the app I navigate with") drawn from a skewed population prior, and a favourite verb ("Open", "Launch", ...).
+A habit instruction always shows both apps of its category, the user's and the rival, so a global
 model can only guess the population's favourite, while a per-user adapter can learn the user's own.
 That makes personalisation measurable: personalised > global on habit instructions, equal on explicit ones.
 
@@ -36,38 +37,29 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .synthetic import COLORS, _draw_shape
 
-# Six categories x three apps; a user prefers one app per category. Looks (colour, glyph) are unique per app.
+# Three categories x two apps; a user prefers one app per category. Each app has its own colour (the
+# six colours the tiny model's vision tower was pretrained to read) and its category's glyph.
 CATEGORIES = {
-    "music": ("Melody", "Beats", "Radio"),
-    "chat": ("Messages", "Chatter", "Signal"),
-    "browser": ("Browser", "Surf", "Globe"),
-    "maps": ("Maps", "Navigator", "Atlas"),
-    "photos": ("Photos", "Gallery", "Snap"),
-    "notes": ("Notes", "Memo", "Journal"),
+    "music": ("Melody", "Beats"),
+    "chat": ("Messages", "Signal"),
+    "maps": ("Maps", "Atlas"),
 }
 GLYPHS = ("circle", "square", "triangle")
-# Population prior over each category's three apps: the global model can learn the favourite (~50%).
-PRIOR = (0.5, 0.3, 0.2)
+# Population prior over each category's apps: a global model can learn the favourite (~60% of users).
+PRIOR = (0.6, 0.4)
 HABIT_PHRASES = {
     "music": ("my music app", "my usual music player", "the app I play music with"),
     "chat": ("my chat app", "the app I message friends with", "my usual messenger"),
-    "browser": ("my browser", "the browser I use", "my usual web app"),
     "maps": ("my maps app", "the app I navigate with", "my usual maps"),
-    "photos": ("my photo app", "where I keep my pictures", "my usual gallery"),
-    "notes": ("my notes app", "the app I write notes in", "my usual notebook"),
 }
 VERBS = ("Open", "Tap", "Launch", "Go to", "Start")
 SEEDS_SPLIT = {"train_users": "11-83", "test_users": "1-10"}
 
 
 def app_looks() -> dict[str, tuple[str, str]]:
-    """App name -> (colour, glyph): 18 apps on 6 colours x 3 glyphs, fixed so every screen agrees."""
-    colors = list(COLORS)
-    looks = {}
-    for ci, (_, apps) in enumerate(CATEGORIES.items()):
-        for ai, app in enumerate(apps):
-            looks[app] = (colors[(ci + 2 * ai) % len(colors)], GLYPHS[ai])
-    return looks
+    """App name -> (colour, glyph): one colour per app, one glyph per category, fixed so every screen agrees."""
+    colors = iter(COLORS)
+    return {app: (next(colors), GLYPHS[ci]) for ci, apps in enumerate(CATEGORIES.values()) for app in apps}
 
 
 APP_LOOKS = app_looks()
@@ -135,34 +127,13 @@ def _screen_samples(rng: random.Random, profile: UserProfile, n: int, habit_rati
                     cols: int, rows: int, icons: tuple[int, int]):
     """One screen and up to `n` instructions on it: [(instruction, target app, kind)], image, boxes."""
     n_icons = rng.randint(*icons)
-    # Icons on one screen have distinct colours: the tiny model's pretrained vision tower reads colour per
-    # cell, not glyph shape, so same-coloured icons would be a visual ambiguity rather than a habit.
     # Sparse screens (1 icon) only get explicit instructions; they teach reading positions first, the way
-    # the demo's 1-shape boards do. Denser screens show one or two habit categories, each with the user's
-    # app and a rival from the same category.
-    apps: list[str] = []
-    used: set[str] = set()
-    habit_cats: list[str] = []
-    if n_icons >= 2:
-        for cat in rng.sample(list(CATEGORIES), k=len(CATEGORIES)):
-            if len(habit_cats) == max(1, n_icons // 3):
-                break
-            mine = profile.preferred[cat]
-            rivals = [a for a in CATEGORIES[cat] if a != mine and APP_LOOKS[a][0] not in used | {APP_LOOKS[mine][0]}]
-            if APP_LOOKS[mine][0] in used or not rivals:
-                continue
-            rival = rng.choice(rivals)
-            apps += [mine, rival]
-            used |= {APP_LOOKS[mine][0], APP_LOOKS[rival][0]}
-            habit_cats.append(cat)
-    others = [a for a in APP_LOOKS if a not in apps and APP_LOOKS[a][0] not in used]
-    rng.shuffle(others)
-    for a in others:
-        if len(apps) >= n_icons:
-            break
-        if APP_LOOKS[a][0] not in used:
-            apps.append(a)
-            used.add(APP_LOOKS[a][0])
+    # the demo's 1-shape boards do. Denser screens show one or more habit categories with both their apps
+    # (the user's and the rival), so the screen alone cannot tell which one "my music app" is.
+    habit_cats = rng.sample(list(CATEGORIES), k=min(len(CATEGORIES), n_icons // 2)) if n_icons >= 2 else []
+    apps = [a for cat in habit_cats for a in CATEGORIES[cat]]
+    others = [a for a in APP_LOOKS if a not in apps]
+    apps += rng.sample(others, k=max(0, n_icons - len(apps)))
     rng.shuffle(apps)
     img, boxes = render_screen(rng, apps, width, height, cols, rows)
     asks = []
@@ -194,9 +165,8 @@ def make_gui_set(out_dir: str | Path, train_users: str = SEEDS_SPLIT["train_user
     (out / "images").mkdir(parents=True, exist_ok=True)
     width, height = screen
     cols, rows = grid
-    if icons[1] > cols * rows or icons[1] > len(COLORS):
-        raise ValueError(f"up to {icons[1]} icons do not fit a {cols}x{rows} grid with distinct colours "
-                         f"({len(COLORS)} colours)")
+    if icons[1] > cols * rows or icons[1] > len(APP_LOOKS):
+        raise ValueError(f"up to {icons[1]} icons do not fit a {cols}x{rows} grid or the {len(APP_LOOKS)} apps")
     train_ids, test_ids = sorted(parse_users(train_users) or ()), sorted(parse_users(test_users) or ())
     if set(train_ids) & set(test_ids):
         raise ValueError(f"train users and test users overlap: {sorted(set(train_ids) & set(test_ids))}")
