@@ -75,6 +75,14 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+def _user_key(user) -> tuple:
+    """Numeric user ids in numeric order (2 before 10), anything else after them."""
+    try:
+        return (0, int(user), "")
+    except (TypeError, ValueError):
+        return (1, 0, str(user))
+
+
 def breakdown(records: list[dict]) -> dict:
     """Overall, per user and per instruction kind."""
     by_user, by_kind = defaultdict(list), defaultdict(list)
@@ -83,7 +91,7 @@ def breakdown(records: list[dict]) -> dict:
         if r.get("kind") is not None:
             by_kind[r["kind"]].append(r)
     return {"overall": summarize(records),
-            "per_user": {str(u): summarize(rs) for u, rs in sorted(by_user.items(), key=lambda kv: str(kv[0]))},
+            "per_user": {str(u): summarize(rs) for u, rs in sorted(by_user.items(), key=lambda kv: _user_key(kv[0]))},
             "per_kind": {k: summarize(rs) for k, rs in sorted(by_kind.items())}}
 
 
