@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "demo": ("vltune.recipes.demo", "train the embedded tiny Qwen3-VL on a synthetic click task and show it learns"),
     "sft": ("vltune.recipes.sft", "supervised fine-tuning of a VLM (lora | qlora | full)"),
+    "grpo": ("vltune.recipes.grpo", "GRPO reinforcement learning of a VLM with reward functions (TRL GRPOTrainer)"),
     "data": ("vltune.recipes.data", "check a data set before training: `vltune data check --dataset F`"),
     "infer": ("vltune.recipes.infer", "answer prompts with a model (+ adapter): one image, or a whole data set"),
     "export": ("vltune.recipes.export", "merge a LoRA adapter into the model, or a DeepSpeed ZeRO checkpoint to fp32"),
