@@ -134,10 +134,18 @@ def test_python_api_plugins_and_extra_columns_reach_rewards(tmp_path, plugin, gr
     assert result.final_results["heldout_before"] is None
 
 
-def test_tied_groups_are_logged_and_explained(tmp_path, plugin, grounding_jsonl):
+def test_tied_groups_are_logged_and_explained_with_a_seeds_config_file(tmp_path, plugin, grounding_jsonl):
     out = tmp_path / "tied"
-    run(out, "--reward_funcs", "constant", "--external_plugins", plugin, "--beta", "0", dataset=grounding_jsonl)
+    config = tmp_path / "seeds05.json"  # seeds/05's config keys and meanings
+    config.write_text(json.dumps({"tuner_type": "lora", "lora_r": 4, "lora_alpha": 8, "num_iterations": 3,
+                                  "learning_rate": 2e-5, "beta": 0}))
+    result = grpo_main(["--config", str(config), "--output_dir", str(out), "--report_to", "none", "--dataset",
+                        grounding_jsonl, "--reward_funcs", "constant", "--external_plugins", plugin,
+                        "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "8",
+                        "--gradient_checkpointing", "false", "--save_strategy", "no"])
+    assert result.model.peft_config["default"].r == 4
     history = json.loads((out / "training_stats.json").read_text())["history"]
+    assert len(history) == 3  # num_iterations = training iterations
     assert all(h["frac_reward_zero_std"] == 1.0 and h["groups_all_tied"] == 2 for h in history)
     assert all(h["loss"] == 0 and h["grad_norm"] == 0 for h in history)
     log = (out / "train.log").read_text()
@@ -241,6 +249,7 @@ def test_grpo_raises_the_heldout_reward_of_a_briefly_sft_trained_model(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # builds the s model (~2 min), SFT (~2 min), 200 GRPO steps (~5 min) on 2 CPU cores
 def test_grpo_raises_heldout_click_reward_on_the_demo_grounding_task(tmp_path):
     """The README's claim: the demo's grounding boards (4 x 4 grid, up to 3 shapes, 'Click the red circle'), the
     `s` tiny model (pretrained vision tower) briefly SFT-trained (300 steps) to a mediocre clicker, then 200 GRPO

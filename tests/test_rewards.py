@@ -185,7 +185,8 @@ def test_clip_sd3_reward_batches_saves_images_and_stays_frozen(tmp_path, monkeyp
     assert [r["rewrite"] for r in index][0] == "a red cat on a mat"
     assert len(list((tmp_path / "reward_images" / "step_000002").glob("*.png"))) == 5
     # step 3 is not a multiple of 2: nothing saved; the same original + same rewrite -> the same reward (same noise)
-    again = reward(prompts=prompts[:1] * 2, completions=[completions[0]] * 2, trainer_state=SimpleNamespace(global_step=3))
+    again = reward(prompts=prompts[:1] * 2, completions=[completions[0]] * 2,
+                   trainer_state=SimpleNamespace(global_step=3))
     assert again[0] == pytest.approx(again[1], abs=1e-6)  # (batched CPU kernels differ by ~1e-8)
     assert not (tmp_path / "reward_images" / "step_000003").exists()
     frozen = [p.requires_grad for m in (impl.pipe.transformer, impl.pipe.vae, impl.pipe.text_encoder, impl.clip)

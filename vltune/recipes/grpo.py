@@ -6,7 +6,7 @@
     vltune grpo --reward_funcs clip_sd3 --sd_model stabilityai/stable-diffusion-3-medium-diffusers \
         --clip_model openai/clip-vit-large-patch14 --dataset prompts.jsonl ...     # seeds/05
     vltune grpo --reward_funcs my_reward --external_plugins my_rewards.py ...     # your own reward
-    vltune grpo --num_iterations 5                # offline: embedded tiny model + demo data + click reward
+    vltune grpo --num_iterations 5 --max_completion_length 16     # offline: tiny model + demo data + click
 
     from vltune.recipes.grpo import grpo          # the Python API takes the same names
     result = grpo(train_type="lora", reward_funcs=["click"], num_iterations=20, output_dir="out/grpo")
@@ -62,7 +62,8 @@ class RewardArguments:
     format_pattern: str | None = field(default=None, metadata={
         "help": "Regular expression the whole answer must match for the format reward. Default: "
                 "<think>...</think><answer>...</answer>."})
-    length_target: int = field(default=0, metadata={"help": "Target completion length in tokens for the length reward."})
+    length_target: int = field(default=0, metadata={
+        "help": "Target completion length in tokens for the length reward."})
     solution_column: str = field(default="solution", metadata={
         "help": "Column holding the reference answer for the accuracy reward. Without such a column the data set's "
                 "final assistant turn (dropped from the prompt) is passed as `solution`."})
@@ -101,7 +102,8 @@ class GRPOTrainingArguments(GRPOConfig):
     """TRL's GRPOConfig (every TRL/HF name works) with vltune's defaults and the seeds' `num_iterations`."""
 
     output_dir: str | None = field(default_factory=_default_output_dir, metadata={"help": "Where to write everything."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (1e-5 suits LoRA GRPO; ~1e-6 full)."})
+    learning_rate: float = field(default=1e-5, metadata={
+        "help": "Peak learning rate (1e-5 suits LoRA GRPO; ~1e-6 full)."})
     num_iterations: int | None = field(default=None, metadata={
         "help": "seeds/05 meaning: the number of training iterations (optimizer steps), i.e. --max_steps. NOTE: in TRL "
                 "and ms-swift `num_iterations` means updates per generated batch (mu in the GRPO paper); that is "
@@ -113,7 +115,8 @@ class GRPOTrainingArguments(GRPOConfig):
         "help": "KL coefficient against the reference model (ms-swift's default 0.04). 0 skips the reference "
                 "model (less memory, faster) but then no KL is logged."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps (1 = per-step reward/KL curves)."})
-    save_steps: float = field(default=50, metadata={"help": "Save a checkpoint-N (with training_stats.json) every N steps."})
+    save_steps: float = field(default=50, metadata={
+        "help": "Save a checkpoint-N (with training_stats.json) every N steps."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
     report_to: list[str] | None = field(default_factory=lambda: ["tensorboard"], metadata={
         "help": "tensorboard | wandb | none (several allowed). Seeds' --use_wandb = --report_to wandb."})
@@ -123,8 +126,8 @@ class GRPOTrainingArguments(GRPOConfig):
     def __post_init__(self):
         if self.num_iterations is not None:
             if self.max_steps not in (-1, None) and self.max_steps != self.num_iterations:
-                raise ValueError(f"--num_iterations {self.num_iterations} (training iterations, the seeds' meaning) and "
-                                 f"--max_steps {self.max_steps} disagree; give one of them")
+                raise ValueError(f"--num_iterations {self.num_iterations} (training iterations, the seeds' meaning) "
+                                 f"and --max_steps {self.max_steps} disagree; give one of them")
             self.max_steps = int(self.num_iterations)
         if self.wandb_run_name and not self.run_name:
             self.run_name = self.wandb_run_name
@@ -286,7 +289,8 @@ def heldout_reward(model, processor, rows: list[PromptRow], reward_funcs: list, 
         valid = [v for v in values if v is not None]
         per_func[fn.__name__] = sum(valid) / len(valid) if valid else None
         total = [t + w * (v or 0.0) for t, v in zip(total, values)]
-    return {"n": len(rows), "sampled": generations > 0, "mean_reward": sum(total) / max(len(total), 1), "rewards": per_func,
+    return {"n": len(rows), "sampled": generations > 0, "mean_reward": sum(total) / max(len(total), 1),
+            "rewards": per_func,
             "examples": [{"prompt": completion_text(r.prompt[-1:])[-120:], "answer": a}
                          for r, a in list(zip(rows, answers))[:8]]}
 
@@ -435,8 +439,8 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
             model.to(args.device)
         first = rows[0]
         answer = str(first.columns.get(reward.solution_column) or "ok")
-        probe = Sample(messages=first.sample.messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}],
-                                                          "loss": None}], images=first.sample.images)
+        reply = {"role": "assistant", "content": [{"type": "text", "text": answer}], "loss": None}
+        probe = Sample(messages=first.sample.messages + [reply], images=first.sample.images)
         batch = SFTCollator(processor)([{"sample": probe, "images": [load_image(r) for r in probe.images]}])
         batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
@@ -450,7 +454,7 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
         before = heldout_reward(model, processor, heldout, reward_funcs, weights, desc="held-out before",
                                 **heldout_kw) if heldout else None
         if before:
-            logger.info("[eval] held-out mean reward before training: %.3f on %d prompts %s", before["mean_reward"],
+            logger.info("[eval] held-out mean reward before training: %.3f over %d answers %s", before["mean_reward"],
                         before["n"], before["rewards"])
 
         groups = args.generation_batch_size // args.num_generations
@@ -458,7 +462,7 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args.for_trl(), train_dataset=train_ds,
                               processing_class=processor, callbacks=[run_log, *(callbacks or [])])
         run_log.trainer = trainer
-        logger.info("[grpo] %d prompts x %d generations per step (%d groups), %s steps, updates per batch %d, "
+        logger.info("[grpo] %d prompts x %d generations per step (= %d groups), %s steps, updates per batch %d, "
                     "beta %g, loss %s", groups, args.num_generations, groups, args.max_steps if args.max_steps > 0
                     else "epoch-based", args.updates_per_batch, args.beta, args.loss_type)
         t0 = time.time()
@@ -469,7 +473,7 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
         after = heldout_reward(trainer.model, processor, heldout, reward_funcs, weights, desc="held-out after",
                                **heldout_kw) if heldout else None
         if after:
-            logger.info("[eval] held-out mean reward after training: %.3f (before %.3f) on %d prompts %s",
+            logger.info("[eval] held-out mean reward after training: %.3f (before %.3f) over %d answers %s",
                         after["mean_reward"], before["mean_reward"], after["n"], after["rewards"])
 
         trainer.save_model(str(out))
@@ -515,7 +519,8 @@ def _write_outputs(out: Path, trainer, run_log: GRPORunLog, metrics: dict, repor
     (out / "README.md").write_text(
         f"# vltune grpo output\n\n- base model: `{base}`\n- train type: {tuner.train_type}\n"
         f"- steps: {trainer.state.global_step}\n- rewards: {', '.join(run_log.reward_names)}\n"
-        f"- held-out mean reward: {before and before['mean_reward']} before -> {after and after['mean_reward']} after\n\n"
+        f"- held-out mean reward: {before and before['mean_reward']} before -> "
+        f"{after and after['mean_reward']} after\n\n"
         f"Load with `{load_hint}`; the processor is saved beside.\n"
         f"Files: args.json, train.log, final_results.json, training_stats.json (per-step reward, KL, tied groups), "
         f"{', '.join(Path(p).name for p in pngs)}, completions.jsonl (with --log_completions), runs/ (TensorBoard), "
