@@ -18,6 +18,16 @@ from .conftest import write_jsonl
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """GRPO on a tiny model is generation-bound (many small ops); on a busy 2-core machine 2 torch threads pushed
+    the learning test past 10 minutes where 1 thread took under a minute."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(tmp, *extra, steps=2, dataset=None):
     argv = ["--output_dir", str(tmp), "--num_iterations", str(steps), "--report_to", "none",
             "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "8",
