@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "demo": ("vltune.recipes.demo", "train the embedded tiny Qwen3-VL on a synthetic click task and show it learns"),
     "sft": ("vltune.recipes.sft", "supervised fine-tuning of a VLM (lora | qlora | full)"),
+    "grpo": ("vltune.recipes.grpo", "GRPO reinforcement learning of a VLM with reward functions (TRL GRPOTrainer)"),
     "personalize": ("vltune.recipes.personalize", "train one LoRA adapter per user on a global model loaded once"),
     "data": ("vltune.recipes.data", "check a data set before training: `vltune data check --dataset F`"),
     "infer": ("vltune.recipes.infer", "answer prompts with a model (+ adapter): one image, or a whole data set"),

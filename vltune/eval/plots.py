@@ -63,3 +63,48 @@ def plot_clicks(items: list[dict], path: str | Path, columns: int = 4, title: st
     fig.savefig(path)
     plt.close(fig)
     return str(path)
+
+
+def plot_grpo_curves(history: list[dict], out_dir: str | Path) -> list[str]:
+    """reward.png (mean reward +- std per step, each reward's mean, share of groups whose rewards all tie)
+    and kl.png (KL to the reference model, when beta > 0) from `vltune grpo`'s per-step history."""
+    rows = [h for h in history if "reward" in h]
+    if not rows:
+        return []
+    plt = _plt()
+    out_dir = Path(out_dir)
+    steps = [h["step"] for h in rows]
+    paths = []
+    fig, (ax, ax_tied) = plt.subplots(2, 1, figsize=(6, 6), dpi=100, sharex=True, height_ratios=(3, 1))
+    mean = [h["reward"] for h in rows]
+    std = [h.get("reward_std") or 0.0 for h in rows]
+    ax.plot(steps, mean, label="reward (weighted sum)")
+    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    for key in sorted({k for h in rows for k in h if k.startswith("rewards/") and k.endswith("/mean")}):
+        ax.plot(steps, [h.get(key) for h in rows], "--", label=key.split("/")[1])
+    ax.set_ylabel("reward")
+    ax.set_title("GRPO reward per step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax_tied.plot(steps, [h.get("frac_reward_zero_std") for h in rows], color="gray")
+    ax_tied.set_ylim(-0.05, 1.05)
+    ax_tied.set_ylabel("groups tied")
+    ax_tied.set_xlabel("step")
+    ax_tied.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "reward.png")
+    plt.close(fig)
+    paths.append(str(out_dir / "reward.png"))
+    kl = [(h["step"], h["kl"]) for h in rows if h.get("kl") is not None]
+    if kl:
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot(*zip(*kl))
+        ax.set_xlabel("step")
+        ax.set_ylabel("KL to reference")
+        ax.set_title("GRPO KL per step")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "kl.png")
+        plt.close(fig)
+        paths.append(str(out_dir / "kl.png"))
+    return paths
