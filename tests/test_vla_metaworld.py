@@ -61,7 +61,7 @@ def test_demos_train_and_closed_loop_eval(metaworld_env, tmp_path):
                         "--videos_per_task", "1"])
     (task,) = report["tasks"]
     assert task["episodes"] == 2 and len(task["lengths"]) == 2 and 0.0 <= task["success_rate"] <= 1.0
-    assert min(task["seeds"]) >= 1_000_000 and task["min_distance_to_training"] > 0
+    assert min(task["seeds"]) >= 1_000_000 and task["min_distance_to_training"] > 0 and task["mean_distance_to_training"] > 0
     assert report["latency"]["p50_ms"] > 0
     gifs = list((tmp_path / "p" / "eval" / "videos").glob("reach-v3_ep00_*.gif"))
     assert len(gifs) == 1

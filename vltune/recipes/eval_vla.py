@@ -58,7 +58,8 @@ class TaskResult:
     mean_success_length: float | None
     lengths: list[int]
     seeds: list[int]
-    min_distance_to_training: float | None = None
+    min_distance_to_training: float | None = None  # metres, over this task's evaluation episodes
+    mean_distance_to_training: float | None = None  # metres: each evaluation position to its nearest training one
 
 
 def latency_summary(ms: list[float]) -> dict:
@@ -144,7 +145,8 @@ def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: 
     return TaskResult(task=task, instruction=env.instruction, episodes=a.episodes, successes=successes,
                       success_rate=successes / a.episodes, mean_length=float(np.mean(lengths)),
                       mean_success_length=float(np.mean(ok_lengths)) if ok_lengths else None, lengths=lengths,
-                      seeds=seeds, min_distance_to_training=round(min(dists), 4) if dists else None)
+                      seeds=seeds, min_distance_to_training=round(min(dists), 5) if dists else None,
+                      mean_distance_to_training=round(float(np.mean(dists)), 5) if dists else None)
 
 
 def run_eval(a: VLAEvalArguments) -> dict:
@@ -172,7 +174,8 @@ def run_eval(a: VLAEvalArguments) -> dict:
             logger.info("[eval] %s: %d/%d successes within %d steps (%.0f%%), mean length %.1f%s", task, r.successes,
                         r.episodes, a.max_episode_steps, 100 * r.success_rate, r.mean_length,
                         "" if r.min_distance_to_training is None else
-                        f", closest training position {r.min_distance_to_training * 100:.1f} cm")
+                        f", nearest training position {r.mean_distance_to_training * 1000:.1f} mm on average "
+                        f"(min {r.min_distance_to_training * 1000:.2f} mm)")
         report["tasks"] = [asdict(r) for r in results]
         report["mean_success_rate"] = float(np.mean([r.success_rate for r in results]))
         report["latency"] = latency_summary(step_ms)
@@ -194,13 +197,14 @@ def _markdown(r: dict) -> str:
         a = r["args"]
         lines += [f"{a['episodes']} episodes per task, success within {a['max_episode_steps']} steps, held-out seeds "
                   f"from {a['seed_base']} (fresh object positions); images {'on' if r['use_images'] else 'OFF'}.", "",
-                  "| task | success | mean length | mean length (successes) | closest training position |",
+                  "| task | success | mean length | mean length (successes) | nearest training position: mean (min) |",
                   "|---|---|---|---|---|"]
         for t in r["tasks"]:
-            d = t["min_distance_to_training"]
+            d, m = t["min_distance_to_training"], t["mean_distance_to_training"]
+            ok_len = "-" if t["mean_success_length"] is None else f"{t['mean_success_length']:.1f}"
             lines.append(f"| {t['task']} | {100 * t['success_rate']:.0f}% ({t['successes']}/{t['episodes']}) | "
-                         f"{t['mean_length']:.1f} | {t['mean_success_length'] or '-'} | "
-                         f"{'-' if d is None else f'{100 * d:.1f} cm'} |")
+                         f"{t['mean_length']:.1f} | {ok_len} | "
+                         f"{'-' if d is None else f'{1000 * m:.1f} mm ({1000 * d:.2f} mm)'} |")
         lines += ["", f"**Mean success: {100 * r['mean_success_rate']:.1f}%**", ""]
     lat = r["latency"]
     lines += [f"Latency per step: p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms ({lat['actions_per_s']} actions/s).", ""]
