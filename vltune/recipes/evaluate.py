@@ -7,6 +7,7 @@ import sys
 
 TASKS = {
     "grounding": ("vltune.recipes.eval_grounding", "click accuracy of a model (+ adapters) on a grounding data set"),
+    "vla": ("vltune.recipes.eval_vla", "closed-loop success of a VLA policy in Meta-World, rollout GIFs, step latency"),
 }
 
 

@@ -1,0 +1,284 @@
+"""VLA policies: training behaviour, what trains, the seeds/03 setup, normalisation, reloading, any action dim."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vltune.models.families import part_of
+from vltune.recipes.vla import main as vla_main
+from vltune.vla.data.synthetic import make_dataset, make_episodes
+from vltune.vla.normalize import FeatureStats, NormalizationError, Normalizer, compute_stats
+
+
+@pytest.fixture(scope="module")
+def calvin_set(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp("vla") / "syn"), fmt="calvin", n_train=16, n_val=4, state_dim=2)
+
+
+def train(tmp, dataset, *extra, steps=4):
+    argv = ["--dataset", dataset, "--tiny_size", "xs", "--output_dir", str(tmp), "--max_steps", str(steps),
+            "--report_to", "none", "--per_device_train_batch_size", "8", "--logging_steps", "1",
+            "--save_strategy", "no", "--image_size", "64", *extra]
+    return vla_main(argv)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_loss_falls_and_lightning_features(tmp_path, calvin_set):
+    train(tmp_path, calvin_set, "--learning_rate", "3e-3", "--action_head", "mlp", "--save_strategy", "steps",
+          "--save_steps", "10", "--save_top_k", "2", "--warmup_steps", "2", "--per_device_train_batch_size", "16",
+          steps=30)
+    losses = [h["loss"] for h in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert np.mean(losses[-6:]) < 0.7 * np.mean(losses[:4]), losses
+    best = json.loads((tmp_path / "best_checkpoints.json").read_text())
+    assert len(best) == 2 and best[0]["eval_loss"] <= best[1]["eval_loss"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == sorted(Path(b["path"]).name for b in best)
+    csv = (tmp_path / "metrics.csv").read_text()
+    assert "learning_rate" in csv and "eval_loss" in csv
+    lrs = [h["learning_rate"] for h in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+           if "learning_rate" in h]
+    after_warmup = lrs[2:]
+    assert min(after_warmup) >= 3e-3 * 0.01 * 0.99 and lrs[-1] < 0.1 * max(lrs)  # cosine down to min_lr_scale
+
+
+def test_full_trains_unfrozen_parts_only(tmp_path, calvin_set, tiny_path):
+    from transformers import AutoModelForImageTextToText
+
+    base = snapshot(AutoModelForImageTextToText.from_pretrained(tiny_path("qwen3_vl")))
+    res = train(tmp_path, calvin_set, "--train_type", "full", "--freeze_vit", "true", "--freeze_aligner", "true",
+                "--learning_rate", "1e-2")
+    after = snapshot(res.model)
+    for name, value in after.items():
+        if name.startswith("backbone."):
+            key = name[len("backbone."):]
+            if part_of(name) in ("vision", "aligner"):
+                assert torch.equal(value, base[key]), f"frozen {name} changed"
+    assert any(not torch.equal(v, base[n[9:]]) for n, v in after.items() if part_of(n) == "llm")
+    head = [n for n in after if n.startswith("head.")]
+    assert head
+
+
+def test_frozen_backbone_trains_only_the_head(tmp_path, calvin_set, tiny_path):
+    from transformers import AutoModelForImageTextToText
+
+    base = snapshot(AutoModelForImageTextToText.from_pretrained(tiny_path("qwen3_vl")))
+    res = train(tmp_path, calvin_set, "--train_type", "frozen", "--action_head", "gpt", "--learning_rate", "1e-2")
+    for name, p in res.model.named_parameters():
+        if name.startswith("backbone."):
+            assert not p.requires_grad and torch.equal(p.detach(), base[name[9:]])
+    saved = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(tmp_path / "policy.safetensors")))
+    assert saved and not any(k.startswith("backbone.") for k in saved), "a frozen backbone is not saved again"
+
+
+def test_seeds03_lora_frozen_backbone_lstm_trains_and_reloads(tmp_path, calvin_set):
+    """seeds/03: LoRA + frozen backbone + LSTM head died at the first backward; here it trains and reloads."""
+    from vltune.vla.policy import Policy
+
+    res = train(tmp_path, calvin_set, "--train_type", "lora", "--freeze_vit", "true", "--action_head", "lstm",
+                "--learning_rate", "1e-2", "--gradient_checkpointing", "true")
+    named = dict(res.model.named_parameters())
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in named.items()), "LoRA B starts at zero and must move"
+    assert all(not p.requires_grad for n, p in named.items() if n.startswith("backbone.") and "lora_" not in n)
+    # Policy.from_pretrained rebuilds the same policy: identical actions on the same frames.
+    ep = make_episodes(1, length=5, state_dim=2, seed=3)[0]
+    policy = Policy.from_pretrained(tmp_path)
+    again = Policy.from_pretrained(tmp_path)
+    for p in (policy, again):
+        p.reset()
+    a = np.stack([policy.step({"static": ep.images["static"][t]}, ep.instruction, ep.state[t]) for t in range(5)])
+    b = np.stack([again.step({"static": ep.images["static"][t]}, ep.instruction, ep.state[t]) for t in range(5)])
+    np.testing.assert_array_equal(a, b)
+    # ... and the reloaded policy equals the trained in-memory model.
+    from vltune.vla.policy import FrameInputs
+
+    live = Policy(res.model.eval(), FrameInputs(policy.frames.processor, res.config), policy.normalizers)
+    live.reset()
+    c = np.stack([live.step({"static": ep.images["static"][t]}, ep.instruction, ep.state[t]) for t in range(5)])
+    np.testing.assert_allclose(a, c, atol=1e-5)
+    assert set(np.unique(a[:, 6])) <= {-1.0, 1.0}, "gripper dim comes out as the data's open/close values"
+
+
+def test_broken_setup_gets_the_preflight_error(tiny_path, processor_for, calvin_set):
+    """Reentrant checkpointing over frozen embeddings without the input-grad hook: LoRA gets no gradient."""
+    from transformers import AutoModelForImageTextToText
+
+    from vltune.config import TunerArguments
+    from vltune.models.preflight import GradientFlowError, check_gradient_flow
+    from vltune.models.tuners import apply_tuner
+    from vltune.vla.config import PolicyConfig
+    from vltune.vla.data import read_episodes
+    from vltune.vla.dataset import WindowCollator, WindowDataset
+    from vltune.vla.policy import FrameInputs, PolicyModel
+
+    vlm = apply_tuner(AutoModelForImageTextToText.from_pretrained(tiny_path("qwen3_vl")),
+                      TunerArguments(train_type="lora", freeze_vit=True))
+    vlm.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    vlm.get_base_model().disable_input_require_grads()
+    cfg = PolicyConfig(backbone="tiny:qwen3_vl:xs", train_type="lora", lora={}, action_head="lstm", head_hidden=32,
+                       head_layers=1, window_size=2, fwd_pred_next_n=2, exec_steps=1, action_dim=7, gripper_dims=[6],
+                       gripper_values=[[-1.0, 1.0]], state_dim=0, state_indices=[], cameras=["static"], image_size=64,
+                       use_images=True, arm_loss="huber", arm_gripper_loss_ratio=0.01)
+    model = PolicyModel(cfg, vlm)
+    ds = WindowDataset(read_episodes(calvin_set), cfg, {})
+    batch = WindowCollator(FrameInputs(processor_for("qwen3_vl"), cfg), cfg)([ds[i] for i in range(4)])
+    with pytest.raises(GradientFlowError, match=r"(?s)llm \(LoRA\).*reentrant"):
+        check_gradient_flow(model, batch, loss_fn=lambda m, b: m(**b)["loss"])
+
+
+@pytest.mark.parametrize("action_dim,gripper", [(2, "none"), (4, "3"), (14, "6,13")])
+def test_any_action_dim_with_configurable_gripper_dims(tmp_path, action_dim, gripper):
+    from vltune.vla.policy import Policy
+
+    grip = [] if gripper == "none" else [int(g) for g in gripper.split(",")]
+    data = make_dataset(str(tmp_path / "d"), fmt="calvin", n_train=6, n_val=0, action_dim=action_dim,
+                        gripper_dims=grip, state_dim=0, wrist_camera=action_dim == 14)
+    readout = "action+image" if action_dim == 14 else "action"
+    res = train(tmp_path / "out", data, "--gripper_dims", gripper, "--action_head", "mlp", "--readout", readout, steps=2)
+    assert res.config.gripper_dims == grip and res.config.action_dim == action_dim
+    assert res.config.image_tokens == (8 if action_dim == 14 else 0)  # 2 cameras x 4 tokens of 32 px at 64 px
+    assert res.config.cameras == (["static", "gripper"] if action_dim == 14 else ["static"])
+    policy = Policy.from_pretrained(res.output_dir)
+    ep = make_episodes(1, length=2, action_dim=action_dim, gripper_dims=grip, state_dim=0,
+                       wrist_camera=action_dim == 14)[0]
+    a = policy.step({c: ep.images[c][0] for c in ep.images}, ep.instruction)
+    assert a.shape == (action_dim,) and np.isfinite(a).all()
+    for d in grip:
+        assert a[d] in (-1.0, 1.0)
+
+
+def test_no_image_ablation_sees_no_pixels(tmp_path, calvin_set):
+    res = train(tmp_path, calvin_set, "--use_images", "false", steps=2)
+    assert not res.config.use_images
+    from vltune.vla.policy import Policy
+
+    policy = Policy.from_pretrained(res.output_dir)
+    ep = make_episodes(1, length=2, state_dim=2)[0]
+    noise = np.random.default_rng(0).integers(0, 256, ep.images["static"][0].shape, dtype=np.uint8)
+    policy.reset()
+    a = policy.step({"static": ep.images["static"][0]}, ep.instruction, ep.state[0])
+    policy.reset()
+    b = policy.step({"static": noise}, ep.instruction, ep.state[0])
+    np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------- normalisation
+def _stats(x):
+    return compute_stats([x], "action")
+
+
+@pytest.mark.parametrize("mode", ["minmax", "meanstd", "bounds", "none"])
+def test_normalisation_round_trips(mode):
+    x = np.random.default_rng(0).uniform(-0.6, 0.6, (50, 7)).astype(np.float32)
+    n = Normalizer("action", mode, _stats(x), dims=list(range(6)))
+    y = n.normalize(x)
+    np.testing.assert_allclose(n.unnormalize(y), x, atol=1e-5)
+    np.testing.assert_array_equal(y[:, 6], x[:, 6])  # the gripper dim is left alone
+    if mode in ("minmax", "bounds"):
+        assert np.abs(y[:, :6]).max() <= 1.0 + 1e-6
+    again = Normalizer.from_dict(json.loads(json.dumps(n.to_dict())))
+    np.testing.assert_allclose(again.normalize(x), y)
+
+
+def test_bad_statistics_raise_clearly():
+    x = np.zeros((10, 3), np.float32)
+    x[:, 0] = np.linspace(0, 1, 10)
+    x[:, 1] = np.linspace(0, 1, 10)
+    bad = x.copy()
+    bad[4, 1] = np.nan
+    with pytest.raises(NormalizationError, match=r"action: non-finite value nan in ep7\.npz, frame 4, dimension 1"):
+        compute_stats([x, bad], "action", sources=["ep0.npz", "ep7.npz"])
+    with pytest.raises(NormalizationError, match=r"action dimension 2 is constant.*--gripper_dims"):
+        Normalizer("action", "meanstd", _stats(x), dims=[0, 1, 2])
+    Normalizer("action", "bounds", _stats(x), dims=[0, 1, 2])  # a fixed range does not divide by the data's std
+    inf = FeatureStats(mean=[0.0], std=[float("inf")], min=[0.0], max=[1.0], q01=[0.0], q99=[1.0], count=1)
+    with pytest.raises(NormalizationError, match=r"state statistics: std\[0\] = inf"):
+        Normalizer("state", "meanstd", inf, dims=[0])
+
+
+def test_constant_action_dim_stops_training_with_the_fix(tmp_path):
+    eps = make_episodes(4, length=5, action_dim=3, gripper_dims=[], state_dim=0)
+    for e in eps:
+        e.actions[:, 2] = 0.5
+    from vltune.vla.data import write_episodes
+
+    write_episodes(eps, str(tmp_path / "d"), fmt="calvin")
+    with pytest.raises(NormalizationError, match="action dimension 2 is constant"):
+        train(tmp_path / "o", str(tmp_path / "d"), "--gripper_dims", "none", "--val_episodes_ratio", "0")
+
+
+def test_fast_patchify_matches_the_processor(processor_for):
+    from vltune.vla.config import PolicyConfig
+    from vltune.vla.policy import FrameInputs
+
+    cfg = PolicyConfig(backbone="", train_type="full", lora={}, action_head="mlp", head_hidden=8, head_layers=1,
+                       window_size=1, fwd_pred_next_n=1, exec_steps=1, action_dim=2, gripper_dims=[], gripper_values=[],
+                       state_dim=0, state_indices=[], cameras=["static"], image_size=96, use_images=True,
+                       arm_loss="mse", arm_gripper_loss_ratio=0.0)
+    assert FrameInputs(processor_for("qwen3_vl"), cfg).fast
+
+
+# ---------------------------------------------------------------------------- RoboVLMs configs
+def test_robovlms_config_maps_keys_and_lists_ignored(tmp_path, calvin_set, caplog):
+    from vltune.vla.robovlms_config import load_with_parents, map_robovlms
+
+    (tmp_path / "base.json").write_text(json.dumps({
+        "model": "kosmos", "window_size": 8, "fwd_pred_next_n": 10, "arm_gripper_loss_ratio": 0.01,
+        "learning_rate": 2e-5, "min_lr_scale": 1e-2, "norm_action": True, "norm_min": -0.65, "norm_max": 0.65,
+        "fwd_loss_ratio": 0, "optimizer": "adamw",
+        "act_head": {"type": "LSTMDecoder", "hidden_size": 1024, "action_dim": 7, "with_history": True},
+        "train_setup": {"precision": "bf16", "freeze_backbone": True, "lora_enable": True, "lora_r": 64,
+                        "train_vision": False, "gradient_checkpointing": False, "train_text_embedding": True},
+        "trainer": {"strategy": "deepspeed_stage_2", "gradient_clip_val": 1.0, "max_epochs": 5,
+                    "accumulate_grad_batches": 2, "precision": "bf16"},
+        "train_dataset": {"type": "DiskCalvinDataset", "data_dir": "calvin/task_ABCD_D"}}))
+    (tmp_path / "child.json").write_text(json.dumps({
+        "parent": "base.json", "window_size": 2, "fwd_pred_next_n": 3, "batch_size": 4,
+        "act_head": {"hidden_size": 32}, "train_dataset": {"data_dir": calvin_set}}))
+    cfg = load_with_parents(tmp_path / "child.json")
+    assert cfg["act_head"] == {"type": "LSTMDecoder", "hidden_size": 32, "action_dim": 7, "with_history": True}
+    ours, mapped, ignored = map_robovlms(cfg, cuda=False)
+    assert ours["window_size"] == 2 and ours["fwd_pred_next_n"] == 3 and ours["action_head"] == "LSTMDecoder"
+    assert ours["train_type"] == "lora" and ours["lora_rank"] == 64 and ours["freeze_vit"] is True
+    assert ours["norm_action"] == "bounds" and ours["max_grad_norm"] == 1.0 and ours["num_train_epochs"] == 5
+    assert ours["gradient_accumulation_steps"] == 2 and ours["min_lr_scale"] == 1e-2
+    assert ours["dataset"] == calvin_set and ours["data_format"] == "calvin"
+    ignored_keys = {line.split(":")[0] for line in ignored}
+    assert {"model", "fwd_loss_ratio", "act_head.action_dim", "trainer.strategy", "train_setup.precision",
+            "train_setup.train_text_embedding"} <= ignored_keys
+    # And the recipe takes it: RoboVLMs' JSON + our command-line overrides.
+    res = vla_main(["--config", str(tmp_path / "child.json"), "--tiny_size", "xs", "--output_dir",
+                    str(tmp_path / "out"), "--max_steps", "2", "--report_to", "none", "--save_strategy", "no",
+                    "--learning_rate", "1e-3", "--image_size", "64"])
+    assert res.config.window_size == 2 and res.config.fwd_pred_next_n == 3 and res.config.head_hidden == 32
+    assert res.config.train_type == "lora" and res.config.action_head == "LSTMDecoder"
+
+
+def test_latency_benchmark_reports_percentiles(tmp_path, calvin_set):
+    from vltune.recipes.eval_vla import main as eval_main
+
+    train(tmp_path, calvin_set, steps=1)
+    report = eval_main(["--policy", str(tmp_path), "--env", "none", "--latency_steps", "10"])
+    lat = report["latency"]
+    assert lat["steps"] == 10 and 0 < lat["p50_ms"] <= lat["p95_ms"] and lat["actions_per_s"] > 0
+    assert "p95" in (tmp_path / "eval" / "eval_report.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "idefics3"])
+def test_other_vlm_backbones(tmp_path, calvin_set, family):
+    """Any supported VLM: Qwen2.5-VL takes the torch patchify path, Idefics3 its own processor every batch."""
+    from vltune.vla.policy import Policy
+
+    res = train(tmp_path, calvin_set, "--model_family", family, "--readout", "action+image", steps=2)
+    assert res.config.backbone == f"tiny:{family}:xs" and res.config.image_tokens > 0
+    policy = Policy.from_pretrained(res.output_dir)
+    ep = make_episodes(1, length=3, state_dim=2)[0]
+    actions = [policy.step({"static": ep.images["static"][t]}, ep.instruction, ep.state[t]) for t in range(3)]
+    assert all(a.shape == (7,) and np.isfinite(a).all() for a in actions)

@@ -1,0 +1,85 @@
+"""Robot data: CALVIN and LeRobot v3 writers/readers round-trip; the CALVIN pack; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vltune.vla.data import detect_format, read_episodes, write_episodes
+from vltune.vla.data.synthetic import make_episodes
+
+
+def _same(a, b, image_tol=0.0):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.instruction == y.instruction
+        np.testing.assert_array_equal(x.actions, y.actions)
+        np.testing.assert_array_equal(x.state, y.state)
+        assert sorted(x.images) == sorted(y.images)
+        for cam in x.images:
+            diff = np.abs(x.images[cam].astype(float) - y.images[cam]).mean()
+            assert diff <= image_tol, f"{cam}: mean abs pixel difference {diff}"
+
+
+def test_calvin_round_trip_with_language_windows_and_pack(tmp_path):
+    eps = make_episodes(5, length=7, action_dim=7, gripper_dims=[6], wrist_camera=True, state_dim=15)
+    write_episodes(eps, str(tmp_path / "task_debug"), fmt="calvin", split="training")
+    root = tmp_path / "task_debug" / "training"
+    assert detect_format(str(tmp_path / "task_debug")) == "calvin"
+    ids = np.load(root / "ep_start_end_ids.npy")
+    assert ids.tolist() == [[7 * i, 7 * i + 6] for i in range(5)]
+    lang = np.load(root / "lang_annotations" / "auto_lang_ann.npy", allow_pickle=True).item()
+    assert lang["language"]["ann"][0] == eps[0].instruction and lang["info"]["indx"][1] == (7, 13)
+    with np.load(root / "episode_0000003.npz") as z:
+        assert z["rgb_static"].shape == (64, 64, 3) and z["rgb_gripper"].dtype == np.uint8
+        assert z["rel_actions"].shape == (7,) and z["robot_obs"].shape == (15,)
+    _same(read_episodes(str(tmp_path / "task_debug")), eps)
+    # The second read comes from the packed cache: it no longer opens a single per-frame file.
+    for f in root.glob("episode_*.npz"):
+        f.unlink()
+    _same(read_episodes(str(tmp_path / "task_debug")), eps)
+
+
+def test_calvin_missing_frame_names_the_file(tmp_path):
+    write_episodes(make_episodes(2, length=4, state_dim=2), str(tmp_path / "d"), fmt="calvin")
+    (tmp_path / "d" / "training" / "episode_0000005.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"episode_0000005\.npz: frame 5"):
+        read_episodes(str(tmp_path / "d"))
+
+
+def test_calvin_wrong_action_key_says_how_to_fix(tmp_path):
+    write_episodes(make_episodes(1, length=3, state_dim=2), str(tmp_path / "d"), fmt="calvin")
+    with pytest.raises(KeyError, match="--action_key"):
+        read_episodes(str(tmp_path / "d"), action_key="abs_actions")
+
+
+def test_lerobot_v3_round_trip(tmp_path):
+    eps = make_episodes(4, length=6, action_dim=14, gripper_dims=[6, 13], wrist_camera=True, state_dim=3)
+    out = tmp_path / "lr"
+    write_episodes(eps, str(out), fmt="lerobot")
+    info = json.loads((out / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["total_episodes"] == 4 and info["total_frames"] == 24
+    assert info["features"]["observation.images.static"]["dtype"] == "video"
+    assert (out / "videos" / "observation.images.gripper" / "chunk-000" / "file-000.mp4").exists()
+    import pyarrow.parquet as pq
+
+    ep_table = pq.read_table(out / "meta" / "episodes" / "chunk-000" / "file-000.parquet").to_pydict()
+    assert ep_table["dataset_from_index"] == [0, 6, 12, 18]
+    assert detect_format(str(out)) == "lerobot"
+    _same(read_episodes(str(out)), eps, image_tol=4.0)  # mp4 is lossy; actions and state are exact
+
+
+def test_lerobot_v2_is_refused_clearly(tmp_path):
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "episodes.jsonl").write_text("{}\n")
+    from vltune.vla.data.lerobot import read
+
+    with pytest.raises(ValueError, match="v2.x"):
+        read(str(tmp_path))
+
+
+def test_unknown_layout_is_named(tmp_path):
+    with pytest.raises(ValueError, match="not a CALVIN directory"):
+        detect_format(str(tmp_path))

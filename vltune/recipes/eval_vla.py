@@ -1,0 +1,216 @@
+"""vltune eval vla: closed-loop success of a policy in simulation, rollout videos, and step latency.
+
+    vltune eval vla --policy out/mw --env metaworld \
+        --tasks button-press-topdown-v3,drawer-open-v3,drawer-close-v3 --episodes 20 --max_episode_steps 150
+    vltune eval vla --policy out/mw --env none --latency_steps 200     # latency benchmark only
+
+Held-out episodes: seed `--seed_base + 10000 * task_index + episode` with fresh object positions per seed
+(vltune/vla/metaworld_env.py), disjoint from the demo seeds; with `--train_data <demo dir>` the report also
+gives the smallest distance between an evaluation position and any training position of the task.
+Writes eval_report.json, eval_report.md and GIF rollouts to --output_dir (default <policy>/eval).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import parse_args
+from ..console import setup_logging
+
+logger = logging.getLogger("vltune")
+
+
+@dataclass
+class VLAEvalArguments:
+    policy: str = field(default="output/vla", metadata={"help": "A `vltune vla` output or checkpoint directory."})
+    env: str = field(default="metaworld", metadata={"help": "metaworld | none (latency benchmark only)."})
+    tasks: str = field(default="button-press-topdown-v3,drawer-open-v3,drawer-close-v3", metadata={
+        "help": "Comma-separated Meta-World tasks (the instruction of each comes from vltune/vla/metaworld_env.py)."})
+    episodes: int = field(default=20, metadata={"help": "Episodes per task."})
+    max_episode_steps: int = field(default=150, metadata={"help": "Step budget: success must come within it."})
+    cameras: str = field(default="topview", metadata={
+        "help": "Env cameras for the policy's static[,gripper] inputs; use the ones the demos were recorded with."})
+    image_size: int = field(default=96, metadata={"help": "Render size (the demos' size)."})
+    seed_base: int = field(default=1_000_000, metadata={"help": "First evaluation seed (demo seeds start at 0)."})
+    train_data: str | None = field(default=None, metadata={
+        "help": "Demo directory (with metaworld_demos.json) to report how far evaluation positions are from "
+                "training ones."})
+    videos_per_task: int = field(default=2, metadata={"help": "Episodes per task saved as GIF rollouts."})
+    latency_steps: int = field(default=100, metadata={"help": "Steps of the latency benchmark (--env none)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Default: <policy>/eval."})
+    threads: int = field(default=1, metadata={"help": "torch threads (1 = fair latency on a shared CPU)."})
+
+
+@dataclass
+class TaskResult:
+    task: str
+    instruction: str
+    episodes: int
+    successes: int
+    success_rate: float
+    mean_length: float  # steps, failures counted at the budget
+    mean_success_length: float | None
+    lengths: list[int]
+    seeds: list[int]
+    min_distance_to_training: float | None = None  # metres, over this task's evaluation episodes
+    mean_distance_to_training: float | None = None  # metres: each evaluation position to its nearest training one
+
+
+def latency_summary(ms: list[float]) -> dict:
+    a = np.asarray(ms)
+    return {"steps": int(len(a)), "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p95_ms": round(float(np.percentile(a, 95)), 2), "mean_ms": round(float(a.mean()), 2),
+            "actions_per_s": round(1000.0 / float(a.mean()), 1)}
+
+
+def benchmark_latency(policy, steps: int = 100, seed: int = 0) -> dict:
+    """policy.step on random frames: p50/p95 ms per step and actions/s (first 5 steps are warm-up)."""
+    rng = np.random.default_rng(seed)
+    cfg = policy.config
+    size = cfg.image_size
+    state = np.zeros(max(cfg.state_indices, default=-1) + 1, np.float32) if cfg.state_dim else None
+    policy.reset()
+    ms = []
+    for i in range(steps + 5):
+        images = {c: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for c in cfg.cameras}
+        t = time.perf_counter()
+        policy.step(images, "benchmark", state)
+        if i >= 5:
+            ms.append((time.perf_counter() - t) * 1000)
+    return latency_summary(ms)
+
+
+def save_gif(frames: list[np.ndarray], path: Path, fps: int = 15) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imgs = [Image.fromarray(f) for f in frames]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+
+
+def _training_positions(train_data: str | None, task: str) -> np.ndarray | None:
+    if not train_data:
+        return None
+    meta = Path(train_data, "metaworld_demos.json")
+    if not meta.exists():
+        raise FileNotFoundError(f"{meta} not found: --train_data must be a directory written by "
+                                "vltune.vla.data.metaworld_demos")
+    info = json.loads(meta.read_text())["per_task"].get(task)
+    return None if info is None else np.asarray(info["positions"], np.float32)
+
+
+def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: Path, step_ms: list[float]) -> TaskResult:
+    from ..vla.metaworld_env import STATE_DIMS, MetaWorldEnv
+
+    cams = tuple(a.cameras.split(","))
+    roles = policy.config.cameras
+    if len(cams) < len(roles):
+        raise ValueError(f"the policy uses cameras {roles}; pass as many env cameras with --cameras")
+    env = MetaWorldEnv(task, cams[: len(roles)], a.image_size)
+    train_pos = _training_positions(a.train_data, task)
+    lengths, ok_lengths, successes, seeds, dists = [], [], 0, [], []
+    for ep in range(a.episodes):
+        seed = a.seed_base + 10_000 * task_index + ep
+        obs = env.reset(seed)
+        if train_pos is not None and len(train_pos):
+            dists.append(float(np.linalg.norm(train_pos - env.object_position(obs), axis=1).min()))
+        policy.reset()
+        frames, success, steps = [], False, a.max_episode_steps
+        for t in range(a.max_episode_steps):
+            rendered = env.render()
+            images = {role: rendered[cam] for role, cam in zip(roles, env.cameras)}
+            if ep < a.videos_per_task:
+                frames.append(rendered[env.cameras[0]])
+            t0 = time.perf_counter()
+            action = policy.step(images, env.instruction, obs[:STATE_DIMS])
+            step_ms.append((time.perf_counter() - t0) * 1000)
+            obs, ok = env.step(action)
+            if ok:
+                success, steps = True, t + 1
+                break
+        successes += success
+        lengths.append(steps)
+        if success:
+            ok_lengths.append(steps)
+        seeds.append(seed)
+        if frames:
+            save_gif(frames, out / "videos" / f"{task}_ep{ep:02d}_{'success' if success else 'fail'}.gif")
+    env.close()
+    return TaskResult(task=task, instruction=env.instruction, episodes=a.episodes, successes=successes,
+                      success_rate=successes / a.episodes, mean_length=float(np.mean(lengths)),
+                      mean_success_length=float(np.mean(ok_lengths)) if ok_lengths else None, lengths=lengths,
+                      seeds=seeds, min_distance_to_training=round(min(dists), 5) if dists else None,
+                      mean_distance_to_training=round(float(np.mean(dists)), 5) if dists else None)
+
+
+def run_eval(a: VLAEvalArguments) -> dict:
+    import torch
+
+    from ..vla.policy import Policy
+
+    setup_logging()
+    torch.set_num_threads(a.threads)
+    out = Path(a.output_dir or Path(a.policy) / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    policy = Policy.from_pretrained(a.policy)
+    report: dict = {"policy": a.policy, "args": asdict(a), "use_images": policy.config.use_images}
+    if a.env == "none":
+        report["latency"] = benchmark_latency(policy, a.latency_steps)
+        logger.info("[latency] p50 %.1f ms, p95 %.1f ms per step, %.1f actions/s", report["latency"]["p50_ms"],
+                    report["latency"]["p95_ms"], report["latency"]["actions_per_s"])
+    elif a.env == "metaworld":
+        step_ms: list[float] = []
+        results = []
+        t0 = time.time()
+        for i, task in enumerate(a.tasks.split(",")):
+            r = evaluate_task(policy, task, i, a, out, step_ms)
+            results.append(r)
+            logger.info("[eval] %s: %d/%d successes within %d steps (%.0f%%), mean length %.1f%s", task, r.successes,
+                        r.episodes, a.max_episode_steps, 100 * r.success_rate, r.mean_length,
+                        "" if r.min_distance_to_training is None else
+                        f", nearest training position {r.mean_distance_to_training * 1000:.1f} mm on average "
+                        f"(min {r.min_distance_to_training * 1000:.2f} mm)")
+        report["tasks"] = [asdict(r) for r in results]
+        report["mean_success_rate"] = float(np.mean([r.success_rate for r in results]))
+        report["latency"] = latency_summary(step_ms)
+        report["seconds"] = round(time.time() - t0, 1)
+        logger.info("[eval] mean success %.1f%% over %d tasks; latency p50 %.1f ms, p95 %.1f ms, %.1f actions/s",
+                    100 * report["mean_success_rate"], len(results), report["latency"]["p50_ms"],
+                    report["latency"]["p95_ms"], report["latency"]["actions_per_s"])
+    else:
+        raise ValueError(f"--env must be metaworld or none, got {a.env!r}")
+    (out / "eval_report.json").write_text(json.dumps(report, indent=1))
+    (out / "eval_report.md").write_text(_markdown(report))
+    logger.info("[eval] report: %s", out / "eval_report.md")
+    return report
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# Closed-loop evaluation of `{r['policy']}`", ""]
+    if "tasks" in r:
+        a = r["args"]
+        lines += [f"{a['episodes']} episodes per task, success within {a['max_episode_steps']} steps, held-out seeds "
+                  f"from {a['seed_base']} (fresh object positions); images {'on' if r['use_images'] else 'OFF'}.", "",
+                  "| task | success | mean length | mean length (successes) | nearest training position: mean (min) |",
+                  "|---|---|---|---|---|"]
+        for t in r["tasks"]:
+            d, m = t["min_distance_to_training"], t["mean_distance_to_training"]
+            ok_len = "-" if t["mean_success_length"] is None else f"{t['mean_success_length']:.1f}"
+            lines.append(f"| {t['task']} | {100 * t['success_rate']:.0f}% ({t['successes']}/{t['episodes']}) | "
+                         f"{t['mean_length']:.1f} | {ok_len} | "
+                         f"{'-' if d is None else f'{1000 * m:.1f} mm ({1000 * d:.2f} mm)'} |")
+        lines += ["", f"**Mean success: {100 * r['mean_success_rate']:.1f}%**", ""]
+    lat = r["latency"]
+    lines += [f"Latency per step: p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms ({lat['actions_per_s']} actions/s).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (a,) = parse_args((VLAEvalArguments,), argv, prog="vltune eval vla", description=__doc__)
+    return run_eval(a)

@@ -1,0 +1,381 @@
+"""vltune vla: train a vision-language-action policy the RoboVLMs way (VLM backbone + action head).
+
+    vltune vla --dataset data/task_D_D --model Qwen/Qwen2.5-VL-3B-Instruct --action_head lstm \
+        --window_size 8 --fwd_pred_next_n 10 --train_type lora --output_dir out/calvin
+    vltune vla --config finetune_kosmos_cont-lstm-post_full-ft_text_vision_wd-0_ws-8_act-10.json   # RoboVLMs JSON
+    vltune vla --dataset data/mw --max_steps 3000 --train_seconds 1200 --output_dir out/mw       # Meta-World demos
+    vltune vla --max_steps 20                 # offline: embedded tiny VLM + a synthetic reaching set
+
+Top to bottom: arguments (a RoboVLMs JSON is mapped key by key) -> episodes (CALVIN / LeRobot v3) ->
+backbone + tuner (lora | full | frozen) -> policy config, checked normalisation statistics -> policy ->
+gradient-flow preflight -> HF Trainer (AdamW, cosine to min_lr_scale, clipping, best-k checkpoints on
+validation loss, TensorBoard + CSV logs) -> policy_config.json + normalization.json + policy.safetensors,
+loadable with `Policy.from_pretrained(output_dir)`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..config import ModelArguments, TunerArguments, dump_config, parse_args
+from ..console import TeeLog, is_main_process, setup_logging
+from ..models.preflight import check_gradient_flow
+from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
+from ..vla.config import PolicyArguments, PolicyConfig, VLADataArguments, VLATrainingArguments, parse_index_list
+from ..vla.data.episodes import Episode
+from ..vla.normalize import Normalizer, compute_stats
+
+logger = logging.getLogger("vltune")
+
+
+@dataclass
+class VLAModelArguments(ModelArguments):
+    tiny_size: str = field(default="s", metadata={
+        "help": "Size of the embedded tiny backbone: s (~2.5 M params, vision tower pretrained at build time; "
+                "default for policies) or xs (~0.3 M, tests)."})
+
+
+@dataclass
+class VLATunerArguments(TunerArguments):
+    train_type: str = field(default="full", metadata={
+        "help": "lora | full | frozen. full: train the backbone (RoboVLMs' full-ft); lora: adapters on the "
+                "unfrozen parts; frozen: backbone fixed, only the head (+ state encoder) trains. The head always "
+                "trains."})
+    freeze_vit: bool = field(default=False, metadata={
+        "help": "Freeze the vision tower (RoboVLMs: train_vision false). Policies usually need it trained."})
+    freeze_aligner: bool = field(default=False, metadata={"help": "Freeze the projector between vision and LLM."})
+
+
+ARG_GROUPS = (VLAModelArguments, VLATunerArguments, PolicyArguments, VLADataArguments, VLATrainingArguments)
+
+
+@dataclass
+class VLAResult:
+    output_dir: str
+    metrics: dict
+    model: torch.nn.Module
+    config: PolicyConfig
+
+
+# ---------------------------------------------------------------------------- RoboVLMs JSON
+def translate_robovlms_argv(argv: list[str]) -> list[str]:
+    """If --config names a RoboVLMs JSON, map it onto our keys (logged) and point --config at the result."""
+    from ..vla.robovlms_config import is_robovlms_config, load_with_parents, map_robovlms
+
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        return argv
+    i = next(k for k, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+    path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
+    if not path.endswith(".json"):
+        return argv
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not is_robovlms_config(raw):
+        return argv
+    ours, mapped, ignored = map_robovlms(load_with_parents(path), cuda=torch.cuda.is_available())
+    logger.info("[config] %s is a RoboVLMs config; mapped:\n  %s", path, "\n  ".join(mapped))
+    if ignored:
+        logger.info("[config] ignored RoboVLMs keys:\n  %s", "\n  ".join(ignored))
+    fd, tmp = tempfile.mkstemp(prefix="vltune_robovlms_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(ours, f)
+    rest = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
+    return ["--config", tmp] + rest
+
+
+# ---------------------------------------------------------------------------- data
+def load_episodes(data: VLADataArguments, out: Path, seed: int) -> tuple[list[Episode], list[Episode], str]:
+    """(training episodes, validation episodes, where they came from)."""
+    from ..vla.data import detect_format, read_episodes
+
+    spec = data.dataset
+    if not spec:
+        from ..vla.data.synthetic import make_dataset
+
+        spec = make_dataset(str(out / "synthetic_data"), fmt="calvin", n_train=32, n_val=4)
+        logger.info("[data] no --dataset given: using a synthetic reaching set (%s)", spec)
+    fmt = detect_format(spec) if data.data_format == "auto" else data.data_format
+    kw = {"action_key": data.action_key} if fmt == "calvin" else {}
+    train = read_episodes(spec, fmt, split=data.train_split, max_episodes=data.max_episodes, **kw)
+    val: list[Episode] = []
+    has_val = (Path(spec) / data.val_split).is_dir() and data.val_split != data.train_split
+    if has_val:
+        val = read_episodes(spec, fmt, split=data.val_split, **kw)
+    elif data.val_episodes_ratio > 0 and len(train) > 1:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, int(len(train) * data.val_episodes_ratio))
+        held = set(order[:n_val])
+        val = [e for i, e in enumerate(train) if i in held]
+        train = [e for i, e in enumerate(train) if i not in held]
+    frames = sum(map(len, train))
+    logger.info("[data] %s (%s): %d training episodes (%d frames), %d validation episodes; action dim %d, state %s, "
+                "cameras %s", spec, fmt, len(train), frames, len(val), train[0].actions.shape[1],
+                None if train[0].state is None else train[0].state.shape[1], sorted(train[0].images))
+    return train, val, spec
+
+
+def resolve_gripper_dims(value: str, episodes: list[Episode]) -> tuple[list[int], list[list[float]]]:
+    a_dim = episodes[0].actions.shape[1]
+    actions = np.concatenate([e.actions for e in episodes])
+    dims = parse_index_list(value, "--gripper_dims", a_dim)
+    if dims is None:  # auto: the last dimension if it takes exactly two values
+        dims = [a_dim - 1] if a_dim > 1 and len(np.unique(actions[:, -1])) == 2 else []
+        logger.info("[policy] --gripper_dims auto -> %s", dims or "none")
+    values = []
+    for d in dims:
+        low, high = float(actions[:, d].min()), float(actions[:, d].max())
+        if low == high:
+            raise ValueError(f"gripper dimension {d} is constant ({low}) in the training data: nothing to learn; "
+                             "drop it from --gripper_dims")
+        values.append([low, high])
+    return dims, values
+
+
+def build_normalizers(config: PolicyConfig, data: VLADataArguments, episodes: list[Episode]) -> dict[str, Normalizer]:
+    sources = [e.source for e in episodes]
+    norms = {"action": Normalizer("action", data.norm_action, compute_stats([e.actions for e in episodes], "action",
+                                                                            sources), dims=config.arm_dims,
+                                  norm_min=data.norm_min, norm_max=data.norm_max)}
+    if config.state_dim:
+        states = [e.state[:, config.state_indices] for e in episodes]
+        norms["state"] = Normalizer("state", data.norm_state, compute_stats(states, "state", sources),
+                                    dims=list(range(config.state_dim)))
+    return norms
+
+
+# ---------------------------------------------------------------------------- model
+def build_backbone(model_args: ModelArguments, tuner: TunerArguments, args: VLATrainingArguments):
+    from ..models.load import load_model, load_processor, resolve_model_path
+
+    path = resolve_model_path(model_args)
+    spec = model_args.model or f"tiny:{model_args.model_family}:{model_args.tiny_size}"
+    if tuner.train_type not in ("lora", "full", "frozen"):
+        raise ValueError(f"--train_type must be lora, full or frozen for vltune vla, got {tuner.train_type!r}")
+    vlm = load_model(path, model_args, "full")
+    lora: dict = {}
+    if tuner.train_type == "frozen":
+        vlm.requires_grad_(False)
+    else:
+        vlm = apply_tuner(vlm, tuner)
+        if tuner.train_type == "lora":
+            pc = vlm.peft_config["default"]
+            lora = {"r": pc.r, "alpha": pc.lora_alpha, "dropout": pc.lora_dropout,
+                    "target_modules": sorted(pc.target_modules)}
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(vlm, args.gradient_checkpointing_kwargs)
+    return vlm, load_processor(path, model_args.max_pixels, model_args.min_pixels), spec, lora
+
+
+# ---------------------------------------------------------------------------- Lightning-era callbacks
+class TopKCheckpoints(TrainerCallback):
+    """Keep the k checkpoints with the lowest eval_loss (the k most recent without validation)."""
+
+    def __init__(self, output_dir: str, k: int):
+        self.dir, self.k, self.losses = Path(output_dir), k, {}
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if metrics and "eval_loss" in metrics:
+            self.losses[state.global_step] = float(metrics["eval_loss"])
+
+    def on_save(self, args, state, control, **kw):
+        if not state.is_world_process_zero or self.k <= 0:
+            return
+        ckpts = {int(p.name.split("-")[1]): p for p in self.dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()}
+        rank = sorted(ckpts, key=lambda s: (self.losses.get(s, float("inf")), -s)) if self.losses else \
+            sorted(ckpts, reverse=True)
+        for step in rank[self.k:]:
+            shutil.rmtree(ckpts[step], ignore_errors=True)
+        kept = [{"step": s, "eval_loss": self.losses.get(s), "path": str(ckpts[s])} for s in rank[: self.k]]
+        (self.dir / "best_checkpoints.json").write_text(json.dumps(kept, indent=1))
+
+
+class CSVLog(TrainerCallback):
+    """metrics.csv: one row per logged value (step, epoch, name, value), like Lightning's CSVLogger."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "epoch", "name", "value"])
+            for k, v in logs.items():
+                if isinstance(v, (int, float)):
+                    w.writerow([state.global_step, round(state.epoch or 0, 4), k, v])
+
+
+class TimeBudget(TrainerCallback):
+    """Stop (with a final save) once `seconds` of training wall time have passed."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start = seconds, None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start = time.time()
+
+    def on_step_end(self, args, state, control, **kw):
+        if time.time() - self.start > self.seconds:
+            logger.info("[train] --train_seconds %.0f reached at step %d: stopping", self.seconds, state.global_step)
+            control.should_training_stop = True
+            control.should_save = True
+
+
+class PolicyTrainer(Trainer):
+    """Trainer that saves checkpoints in the policy format (loadable with Policy.from_pretrained)."""
+
+    normalizers: dict | None = None
+
+    def _save(self, output_dir=None, state_dict=None):
+        self.model.save_pretrained(output_dir or self.args.output_dir, self.normalizers)
+
+
+# ---------------------------------------------------------------------------- recipe
+def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArguments, args: VLATrainingArguments,
+            callbacks: list | None = None) -> VLAResult:
+    from transformers import set_seed
+
+    from ..vla.dataset import WindowCollator, WindowDataset
+    from ..vla.policy import FrameInputs, PolicyModel
+
+    setup_logging()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with TeeLog(out / "train.log"):
+        set_seed(args.seed)
+        if is_main_process():
+            dump_config((model_args, tuner, policy_args, data, args), out / "args.json")
+        train_eps, val_eps, source = load_episodes(data, out, args.seed)
+
+        if not policy_args.use_images and not (tuner.freeze_vit and tuner.freeze_aligner):
+            logger.info("[policy] --use_images false: freezing the vision tower and aligner (they never run)")
+            tuner.freeze_vit = tuner.freeze_aligner = True
+        vlm, processor, spec, lora = build_backbone(model_args, tuner, args)
+        gripper_dims, gripper_values = resolve_gripper_dims(policy_args.gripper_dims, train_eps)
+        s_dim = 0 if train_eps[0].state is None or not policy_args.use_state else train_eps[0].state.shape[1]
+        state_idx = (parse_index_list(policy_args.state_dims, "--state_dims", s_dim) if s_dim else None)
+        state_idx = list(range(s_dim)) if state_idx is None else state_idx
+        cameras = ["static"] + (["gripper"] if policy_args.use_gripper_camera and "gripper" in train_eps[0].images
+                                else [])
+        if policy_args.use_images and "static" not in train_eps[0].images:
+            raise ValueError(f"{source}: no static camera images (rgb_static / observation.images.*); train with "
+                             "--use_images false for a state-only policy")
+        config = PolicyConfig(
+            backbone=spec, train_type=tuner.train_type, lora=lora, action_head=policy_args.action_head,
+            head_hidden=policy_args.head_hidden, head_layers=policy_args.head_layers,
+            window_size=policy_args.window_size, fwd_pred_next_n=policy_args.fwd_pred_next_n,
+            exec_steps=policy_args.exec_steps, action_dim=int(train_eps[0].actions.shape[1]),
+            gripper_dims=gripper_dims, gripper_values=gripper_values, state_dim=len(state_idx),
+            state_indices=state_idx, cameras=cameras, image_size=policy_args.image_size,
+            use_images=policy_args.use_images, arm_loss=policy_args.arm_loss,
+            arm_gripper_loss_ratio=policy_args.arm_gripper_loss_ratio, readout=policy_args.readout)
+        normalizers = build_normalizers(config, data, train_eps)
+        frames = FrameInputs(processor, config)
+        if config.use_images and config.readout == "action+image":
+            from ..vla.policy import image_token_id
+
+            config.image_tokens = frames.ids("")[0].count(image_token_id(vlm))
+        model = PolicyModel(config, vlm).to(args.device)
+        logger.info("[policy] %s head, window %d, chunk %d, action dim %d (gripper dims %s), state dims %s, "
+                    "cameras %s at %d px (%s), read-out %s, backbone %s (%s)", config.action_head, config.window_size,
+                    config.fwd_pred_next_n, config.action_dim, config.gripper_dims or "none", config.state_dim,
+                    cameras if config.use_images else "none (no-image ablation)", frames.size,
+                    "torch patchify" if frames.fast else "processor",
+                    config.readout + (f" ({config.image_tokens} image tokens)" if config.image_tokens else ""),
+                    spec, tuner.train_type)
+        logger.info("[model] trainable parameters by part:\n%s", format_summary(parameter_summary(model)))
+
+        train_ds = WindowDataset(train_eps, config, normalizers)
+        eval_ds = WindowDataset(val_eps, config, normalizers) if val_eps else None
+        collator = WindowCollator(frames, config, policy_args.image_aug_shift, seed=args.seed)
+        eval_collator = WindowCollator(frames, config, 0)
+
+        batch = collator([train_ds[i] for i in range(0, len(train_ds), max(1, len(train_ds) // 8))][:8])
+        batch = {k: v.to(args.device) for k, v in batch.items()}
+        norms = check_gradient_flow(model, batch, loss_fn=lambda m, b: m(**b)["loss"])
+        logger.info("[preflight] gradients reach every trainable group: %s",
+                    ", ".join(f"{g} |g|={v:.3g}" for g, v in norms.items()))
+
+        args.label_names = ["actions"]
+        args.prediction_loss_only = True
+        args.save_total_limit = None  # TopKCheckpoints decides what stays
+        if args.lr_scheduler_type == "cosine_with_min_lr":
+            args.lr_scheduler_kwargs = {**(args.lr_scheduler_kwargs or {}), "min_lr_rate": args.min_lr_scale}
+        if eval_ds is not None and args.eval_strategy == "no":
+            args.eval_strategy = args.save_strategy
+            args.eval_steps = args.eval_steps or args.save_steps
+        # Checkpointing is already on the backbone (build_backbone); the policy wrapper has no such method.
+        args.gradient_checkpointing = False
+        if hasattr(args, "activation_checkpointing"):  # transformers >= 5.2x spelling of the same switch
+            args.activation_checkpointing = False
+        cbs = [TopKCheckpoints(str(out), args.save_top_k), CSVLog(out / "metrics.csv"), *(callbacks or [])]
+        if args.train_seconds:
+            cbs.append(TimeBudget(args.train_seconds))
+        trainer = PolicyTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                data_collator=collator, callbacks=cbs)
+        trainer.normalizers = normalizers
+        if eval_ds is not None:
+            trainer.get_eval_dataloader = _eval_loader(trainer, eval_ds, eval_collator)
+        t0 = time.time()
+        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+        metrics = dict(result.metrics)
+        metrics["train_wall_seconds"] = round(time.time() - t0, 1)
+        if eval_ds is not None:
+            metrics.update(trainer.evaluate())
+        model.save_pretrained(out, normalizers)
+        if trainer.is_world_process_zero():
+            trainer.save_state()
+            _write_outputs(out, trainer, metrics, config, source)
+        return VLAResult(str(out), metrics, model, config)
+
+
+def _eval_loader(trainer, eval_ds, collator):
+    from torch.utils.data import DataLoader
+
+    def get(eval_dataset=None):
+        return DataLoader(eval_ds, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=collator)
+
+    return get
+
+
+def _write_outputs(out: Path, trainer, metrics: dict, config: PolicyConfig, source: str) -> None:
+    from ..eval.plots import plot_loss_curve
+
+    (out / "train_results.json").write_text(json.dumps(metrics, indent=2, default=str))
+    png = plot_loss_curve(trainer.state.log_history, out / "loss.png")
+    best = out / "best_checkpoints.json"
+    (out / "README.md").write_text(
+        f"# vltune vla policy\n\n- backbone: `{config.backbone}` ({config.train_type})\n- data: `{source}`\n"
+        f"- head: {config.action_head}, window {config.window_size}, chunk {config.fwd_pred_next_n}, action dim "
+        f"{config.action_dim}, gripper dims {config.gripper_dims or 'none'}\n- steps: {trainer.state.global_step}, "
+        f"final train loss {metrics.get('train_loss')}, eval loss {metrics.get('eval_loss')}\n\n"
+        "```python\nfrom vltune.vla.policy import Policy\n"
+        f"policy = Policy.from_pretrained('{out}')\npolicy.reset()\naction = policy.step(images, instruction, state)\n"
+        "```\n\nFiles: policy_config.json, normalization.json, policy.safetensors, args.json, train.log, "
+        f"metrics.csv, train_results.json, runs/ (TensorBoard){', loss.png' if png else ''}"
+        f"{', best_checkpoints.json + checkpoint-N/ (best k on validation loss)' if best.exists() else ''}.\n")
+    logger.info("[done] policy saved to %s", out)
+
+
+def main(argv: list[str] | None = None) -> VLAResult:
+    setup_logging()
+    argv = translate_robovlms_argv(list(sys.argv[1:] if argv is None else argv))
+    model_args, tuner, policy_args, data, args = parse_args(ARG_GROUPS, argv, prog="vltune vla", description=__doc__)
+    return run_vla(model_args, tuner, policy_args, data, args)

@@ -1,0 +1,172 @@
+"""Arguments of `vltune vla`, split by concern (policy head, data, training), and the saved policy config.
+
+Model and tuner arguments are the SFT ones (vltune/config.py: --model, --model_family, --tiny_size,
+--train_type, --lora_rank, --freeze_vit ...); `--train_type` also takes `frozen` here (backbone fixed,
+only the head and state encoder train).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class PolicyArguments:
+    action_head: str = field(default="lstm", metadata={
+        "help": "Action head: lstm (RoboVLMs' default, recurrent over the window), mlp (per frame, cheapest), "
+                "gpt (causal transformer over the window). RoboVLMs names LSTMDecoder/FCDecoder/GPTDecoder work."})
+    head_hidden: int = field(default=256, metadata={"help": "Hidden size of the action head."})
+    head_layers: int = field(default=2, metadata={"help": "LSTM / transformer layers of the head."})
+    window_size: int = field(default=2, metadata={
+        "help": "History window: frames the policy sees per decision (RoboVLMs: 8). Each frame is one backbone "
+                "forward, so compute grows linearly with it."})
+    fwd_pred_next_n: int = field(default=4, metadata={
+        "help": "Action chunk: future actions predicted per step (RoboVLMs: 10). At inference the policy "
+                "re-plans every --exec_steps steps from the latest chunk."})
+    exec_steps: int = field(default=1, metadata={
+        "help": "Actions executed from one predicted chunk before predicting again (1 = re-plan every step; "
+                "larger = fewer head calls, for real-time control)."})
+    gripper_dims: str = field(default="auto", metadata={
+        "help": "Action dimensions that are gripper open/close commands (trained with BCE, output as the data's "
+                "low/high value): comma-separated indices ('6', '6,13' bimanual), 'none', or auto = the last "
+                "dimension if it only takes two values in the data, else none."})
+    use_state: bool = field(default=True, metadata={
+        "help": "Feed proprioceptive state (robot_obs / observation.state) to the head when the data has it."})
+    state_dims: str = field(default="all", metadata={
+        "help": "Which state dimensions to use: 'all' or comma-separated indices (e.g. '0,1,2,3')."})
+    use_images: bool = field(default=True, metadata={
+        "help": "Give the backbone the camera images. false = the no-image ablation (instruction + state only)."})
+    use_gripper_camera: bool = field(default=True, metadata={
+        "help": "Use the wrist/gripper camera too when the data has one (one more image per frame)."})
+    readout: str = field(default="action", metadata={
+        "help": "What the head reads from the backbone per frame: action = the last prompt token's hidden state "
+                "(RoboVLMs' action token); action+image = that plus the final hidden states of every image token, "
+                "flattened in raster order (keeps where things are; more head inputs)."})
+    image_size: int = field(default=96, metadata={
+        "help": "Images are resized to this square size before the backbone. For the Qwen-VL tiny models one "
+                "image token covers 32x32 px, so 96 px = 9 tokens per image; more pixels = more tokens."})
+    image_aug_shift: int = field(default=4, metadata={
+        "help": "Random-shift augmentation at training (pixels, pad + random crop); 0 turns it off."})
+    arm_loss: str = field(default="huber", metadata={"help": "Loss on the arm dimensions: huber | mse."})
+    arm_gripper_loss_ratio: float = field(default=0.01, metadata={
+        "help": "Weight of the gripper BCE against the arm loss (RoboVLMs: 0.01)."})
+
+
+@dataclass
+class VLADataArguments:
+    dataset: str | None = field(default=None, metadata={
+        "help": "Robot data: a CALVIN directory (task_*/ or its training/ split) or a LeRobotDataset v3 directory. "
+                "Default: a small synthetic reaching set (offline)."})
+    data_format: str = field(default="auto", metadata={"help": "auto | calvin | lerobot."})
+    train_split: str = field(default="training", metadata={"help": "CALVIN split to train on."})
+    val_split: str = field(default="validation", metadata={
+        "help": "CALVIN split for validation loss (used when present)."})
+    val_episodes_ratio: float = field(default=0.05, metadata={
+        "help": "When the data has no validation split, hold out this fraction of episodes for validation loss."})
+    action_key: str = field(default="rel_actions", metadata={"help": "CALVIN: which action array to train on."})
+    max_episodes: int | None = field(default=None, metadata={"help": "Use only the first N episodes."})
+    norm_action: str = field(default="minmax", metadata={
+        "help": "Action normalisation of the arm dimensions: minmax (data min/max -> [-1, 1]), bounds "
+                "(RoboVLMs: clip to [norm_min, norm_max] -> [-1, 1]), meanstd, none."})
+    norm_min: float = field(default=-0.65, metadata={"help": "Lower bound for --norm_action bounds."})
+    norm_max: float = field(default=0.65, metadata={"help": "Upper bound for --norm_action bounds."})
+    norm_state: str = field(default="meanstd", metadata={"help": "State normalisation: meanstd | minmax | none."})
+
+
+def _default_output_dir() -> str:
+    return "output/vla"
+
+
+@dataclass
+class VLATrainingArguments(TrainingArguments):
+    """HF TrainingArguments with the Lightning-era behaviour RoboVLMs users rely on."""
+
+    output_dir: str | None = field(default_factory=_default_output_dir, metadata={"help": "Where to write everything."})
+    learning_rate: float = field(default=1e-3, metadata={
+        "help": "Peak learning rate (RoboVLMs: 2e-5 for a 3B backbone; tiny backbones and heads like ~1e-3)."})
+    min_lr_scale: float = field(default=0.01, metadata={
+        "help": "Cosine decay ends at learning_rate * min_lr_scale (RoboVLMs' min_lr_scale)."})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Schedule (warm-up + cosine)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (Lightning gradient_clip_val)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training windows."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Windows per device per step."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Windows per device per eval step."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=500, metadata={"help": "Evaluate and save a checkpoint every N steps."})
+    save_top_k: int = field(default=3, metadata={
+        "help": "Keep the k checkpoints with the lowest validation loss (Lightning's ModelCheckpoint save_top_k); "
+                "without validation data, the k most recent."})
+    report_to: list[str] | None = field(default_factory=lambda: ["tensorboard"], metadata={
+        "help": "tensorboard | wandb | none. A CSV log (metrics.csv) is always written."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for the collator."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute backbone activations in backward (less memory, slower; non-reentrant)."})
+    train_seconds: float | None = field(default=None, metadata={
+        "help": "Stop training after this many seconds of wall time (a compute budget; the schedule still "
+                "follows max_steps / epochs, so set those to match)."})
+
+
+@dataclass
+class PolicyConfig:
+    """Everything `Policy.from_pretrained` needs, saved as policy_config.json beside the weights."""
+
+    backbone: str  # path or hub id of the VLM; "tiny:<family>:<size>" for the embedded tiny model
+    train_type: str  # lora | full | frozen
+    lora: dict  # r, alpha, dropout, target module names (to rebuild the adapter structure)
+    action_head: str
+    head_hidden: int
+    head_layers: int
+    window_size: int
+    fwd_pred_next_n: int
+    exec_steps: int
+    action_dim: int
+    gripper_dims: list[int]
+    gripper_values: list[list[float]]  # per gripper dim: [closed/low, open/high] raw values
+    state_dim: int  # after state_dims selection; 0 = no state
+    state_indices: list[int]
+    cameras: list[str]
+    image_size: int
+    use_images: bool
+    arm_loss: str
+    arm_gripper_loss_ratio: float
+    feature_dim: int = 0
+    readout: str = "action"
+    image_tokens: int = 0  # image tokens per frame (all cameras), for the action+image read-out
+    instruction_template: str = "What action should the robot take to {instruction}?"
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, "policy_config.json").write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PolicyConfig:
+        p = Path(directory, "policy_config.json")
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: is {directory} a `vltune vla` output or checkpoint directory?")
+        d = json.loads(p.read_text())
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def to_json_string(self) -> str:  # what Trainer's TensorBoard callback logs as the model config
+        return json.dumps(asdict(self), indent=1)
+
+    @property
+    def arm_dims(self) -> list[int]:
+        return [d for d in range(self.action_dim) if d not in self.gripper_dims]
+
+
+def parse_index_list(value: str | list | None, what: str, limit: int) -> list[int] | None:
+    """'6' / '6,13' / 'none' / [6] -> [indices] (None for 'auto'/'all'); every index must be < limit."""
+    if value is None or value in ("auto", "all"):
+        return None
+    if isinstance(value, str):
+        value = [] if value.strip().lower() in ("none", "") else [int(v) for v in value.split(",")]
+    idx = [int(v) for v in value]
+    bad = [i for i in idx if not -limit <= i < limit]
+    if bad:
+        raise ValueError(f"{what}: index {bad[0]} is out of range for {limit} dimensions")
+    return sorted({i % limit for i in idx})

@@ -1,0 +1,124 @@
+"""Meta-World environments for demos and closed-loop evaluation, with fresh object positions per seed.
+
+`Meta-World/MT1` draws 50 fixed object positions when the env is built, and its RandomTaskSelectWrapper
+calls `set_task` with one of them on every reset (which also freezes the random vector again), before
+`reset(seed=...)` applies: held-out seeds silently repeat training positions (formats.md, "MT1 seeding
+trap"). `MetaWorldEnv` therefore resets *below* that wrapper, turns the freeze off (`_freeze_rand_vec =
+False`, `seeded_rand_vec = True`) and seeds the unwrapped env per episode, so every seed draws its own
+continuous position and train and test seeds can be kept disjoint (tests/test_vla_metaworld.py checks it).
+
+Rendering uses our own `mujoco.Renderer` on the env's model/data with shadows and reflections off
+(~14-20 ms a frame at 96 px on CPU instead of ~80). On a machine without a display, set
+`MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa` (Debian: `apt-get install libosmesa6`); `setup_headless_gl`
+does it when nothing is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+# Instructions per task (the policy is language-conditioned: one multi-task policy for all of them).
+INSTRUCTIONS = {
+    "button-press-topdown-v3": "press the button from the top",
+    "drawer-open-v3": "open the drawer",
+    "drawer-close-v3": "close the drawer",
+    "reach-v3": "reach to the goal position",
+    "push-v3": "push the puck to the goal",
+    "pick-place-v3": "pick up the puck and place it at the goal",
+    "door-open-v3": "open the door",
+    "window-open-v3": "slide the window open",
+}
+STATE_DIMS = 4  # obs[0:3] hand xyz, obs[3] gripper opening: what a policy that sees images may also read
+TRAIN_SEED_BASE = 0  # demos use seeds TRAIN_SEED_BASE + i
+EVAL_SEED_BASE = 1_000_000  # evaluation seeds: disjoint from any demo seed
+
+
+def setup_headless_gl() -> None:
+    """Use OSMesa (software GL) when no GL backend was chosen and there is no display."""
+    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        os.environ["MUJOCO_GL"] = "osmesa"
+        os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+
+
+def require_metaworld():
+    try:
+        import metaworld  # noqa: F401
+        import mujoco  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"Meta-World is not installed ({e}). Install the VLA extra: pip install -e '.[vla]' "
+            "(metaworld, mujoco, gymnasium); for CPU rendering also `apt-get install -y libosmesa6`") from e
+
+
+def expert_policy(task: str):
+    """The scripted expert of `task` from metaworld.policies (e.g. drawer-open-v3 -> SawyerDrawerOpenV3Policy)."""
+    import metaworld.policies as policies
+
+    name = "Sawyer" + "".join(p.capitalize() for p in task.replace("-v3", "").split("-")) + "V3Policy"
+    if not hasattr(policies, name):
+        raise ValueError(f"no scripted expert {name} in metaworld.policies for task {task!r}")
+    return getattr(policies, name)()
+
+
+def _below_task_select(env):
+    """(the wrapper chain under MT1's (Pseudo)RandomTaskSelectWrapper, whose reset re-applies a fixed task;
+    that wrapper's task list)."""
+    e = env
+    while hasattr(e, "env"):
+        if type(e).__name__ in ("RandomTaskSelectWrapper", "PseudoRandomTaskSelectWrapper"):
+            return e.env, e.tasks
+        e = e.env
+    raise RuntimeError("Meta-World/MT1 without a task-select wrapper: this metaworld version is not supported "
+                       "(tested with metaworld 3.1)")
+
+
+class MetaWorldEnv:
+    """One Meta-World task with fresh positions per seed and fast rendering of named cameras."""
+
+    def __init__(self, task: str, cameras: tuple[str, ...] = ("topview",), image_size: int = 96):
+        setup_headless_gl()
+        require_metaworld()
+        import warnings
+
+        import gymnasium as gym
+        import metaworld  # noqa: F401  (registers the Meta-World/* envs)
+        import mujoco
+
+        warnings.filterwarnings("ignore", module="gymnasium")
+        self.task, self.cameras, self.image_size = task, tuple(cameras), image_size
+        self.env, tasks = _below_task_select(gym.make("Meta-World/MT1", env_name=task))
+        self.unwrapped = self.env.unwrapped
+        self.unwrapped.set_task(tasks[0])  # once, for the task's settings; its fixed position is then unfrozen
+        self.unwrapped._freeze_rand_vec = False  # a fresh continuous position per reset ...
+        self.unwrapped.seeded_rand_vec = True  # ... drawn from the env's seeded generator
+        self.renderer = mujoco.Renderer(self.unwrapped.model, image_size, image_size)
+        self._flags = (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION)
+        self.instruction = INSTRUCTIONS.get(task, task.replace("-v3", "").replace("-", " "))
+
+    def reset(self, seed: int) -> np.ndarray:
+        self.unwrapped.seed(int(seed))
+        obs, _ = self.env.reset()
+        return obs
+
+    def step(self, action) -> tuple[np.ndarray, bool]:
+        obs, _, _, _, info = self.env.step(np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0))
+        return obs, bool(info.get("success", False))
+
+    def render(self) -> dict[str, np.ndarray]:
+        """{camera: uint8 (H, W, 3)}; cameras named as in the Meta-World XML (topview, corner, gripperPOV, ...)."""
+        out = {}
+        for cam in self.cameras:
+            self.renderer.update_scene(self.unwrapped.data, camera=cam)
+            for f in self._flags:
+                self.renderer.scene.flags[f] = 0
+            out[cam] = self.renderer.render().copy()
+        return out
+
+    def object_position(self, obs: np.ndarray) -> np.ndarray:
+        return np.asarray(obs[4:7], dtype=np.float32)
+
+    def close(self) -> None:
+        self.renderer.close()
+        self.env.close()
