@@ -18,7 +18,7 @@ vltune sft --dataset "$OUT/data/train.jsonl" --users 11-83 --tiny_size s --train
     --logging_steps 50 --output_dir "$OUT/global"
 
 vltune personalize --base "$OUT/global" --dataset "$OUT/data/train.jsonl" --users 1-10 \
-    --train_type lora --lora_rank 16 --lora_alpha 32 --lora_dropout 0 --learning_rate 2e-3 \
+    --train_type lora --lora_rank 16 --lora_alpha 32 --lora_dropout 0 --learning_rate 1e-3 \
     --num_train_epochs 4 --per_device_train_batch_size 16 --warmup_steps 0.1 --lr_scheduler_type cosine \
     --gradient_checkpointing false --save_strategy no --logging_steps 10 --report_to none \
     --output_dir "$OUT/personal"

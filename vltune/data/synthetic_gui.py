@@ -99,9 +99,9 @@ def render_screen(rng: random.Random, apps: list[str], width: int, height: int, 
     draw.rectangle((0, 0, width - 1, bar - 1), fill=(60, 60, 70))
     draw.text((bar, 0), f"{rng.randint(7, 22)}:{rng.randint(0, 59):02d}", fill=(235, 235, 235),
               font=_font(max(6, bar - 2)))
-    label_px = max(6, round(ch / 10))
+    label_px = max(6, round(ch / 12))
     font = _font(label_px)
-    scale = rng.uniform(0.42, 0.62)  # icon size varies per screen
+    scale = rng.uniform(0.55, 0.72)  # icon size varies per screen
     boxes = {}
     for app, cell in zip(apps, rng.sample(range(cols * rows), len(apps))):
         row, col = divmod(cell, cols)
