@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
@@ -41,6 +40,7 @@ from ..data.dataset import DataReport, LengthEstimator
 from ..data.errors import DataError
 from ..data.formats import Sample, read_dataset
 from ..data.images import image_size, load_image
+from ..data.splits import split_holdout
 from ..data.template import prompt_text
 from ..rewards.registry import RewardContext, build_reward_funcs, completion_text
 
@@ -248,12 +248,7 @@ def build_prompts(data: DataArguments, reward: RewardArguments, processor, seed:
         heldout, vrep = prompt_rows(vs, processor, data.max_length, verr, reward.solution_column)
         vrep.log("held-out prompts")
     elif data.split_dataset_ratio > 0:
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, int(len(rows) * data.split_dataset_ratio))
-        held = set(order[:n_val])
-        heldout = [r for i, r in enumerate(rows) if i in held]
-        rows = [r for i, r in enumerate(rows) if i not in held]
+        rows, heldout = split_holdout(rows, data.split_dataset_ratio, seed)
     logger.info("[data] %d training prompts, %d held-out prompts", len(rows), len(heldout))
     return rows, heldout, report
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ..console import TeeLog, is_main_process, setup_logging
 from ..data.dataset import DataReport, SFTCollator, SFTDataset, validate_samples
 from ..data.errors import DataError
 from ..data.formats import read_dataset
+from ..data.splits import split_holdout
 from ..distributed import attach_debug_callback
 from ..models.families import family_for_model_type
 from ..models.load import load_model, load_processor, resolve_model_path
@@ -76,13 +76,9 @@ def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, c
         vrep.log("validation")
         eval_ds = SFTDataset(vkept, vlen) if vkept else None
     elif data.split_dataset_ratio > 0:
-        order = list(range(len(kept)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, int(len(kept) * data.split_dataset_ratio))
-        val_idx = set(order[:n_val])
-        eval_ds = SFTDataset([kept[i] for i in sorted(val_idx)])
-        kept = [s for i, s in enumerate(kept) if i not in val_idx]
-        lengths = [n for i, n in enumerate(lengths) if i not in val_idx]
+        pairs, held = split_holdout(list(zip(kept, lengths)), data.split_dataset_ratio, seed)
+        eval_ds = SFTDataset([s for s, _ in held])
+        kept, lengths = [s for s, _ in pairs], [n for _, n in pairs]
     if lengths:
         logger.info("[data] %d training samples, tokens per sample: mean %.0f, max %d", len(kept),
                     sum(lengths) / len(lengths), max(lengths))

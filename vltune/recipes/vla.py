@@ -19,7 +19,6 @@ import csv
 import json
 import logging
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..config import ModelArguments, TunerArguments, dump_config, parse_args
 from ..console import TeeLog, is_main_process, setup_logging
+from ..data.splits import split_holdout
 from ..models.preflight import check_gradient_flow
 from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
 from ..vla.config import PolicyArguments, PolicyConfig, VLADataArguments, VLATrainingArguments, parse_index_list
@@ -115,12 +115,7 @@ def load_episodes(data: VLADataArguments, out: Path, seed: int) -> tuple[list[Ep
     if has_val:
         val = read_episodes(spec, fmt, split=data.val_split, **kw)
     elif data.val_episodes_ratio > 0 and len(train) > 1:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, int(len(train) * data.val_episodes_ratio))
-        held = set(order[:n_val])
-        val = [e for i, e in enumerate(train) if i in held]
-        train = [e for i, e in enumerate(train) if i not in held]
+        train, val = split_holdout(train, data.val_episodes_ratio, seed)
     frames = sum(map(len, train))
     logger.info("[data] %s (%s): %d training episodes (%d frames), %d validation episodes; action dim %d, state %s, "
                 "cameras %s", spec, fmt, len(train), frames, len(val), train[0].actions.shape[1],
