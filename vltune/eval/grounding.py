@@ -71,7 +71,7 @@ def score_clicks(samples: list[Sample], answers: list[str], convention: str, pro
         click = parse_click(a)
         if click is None:
             unparsed += 1
-            per.append({"where": s.where, "answer": a, "pred": None, "ok": False})
+            per.append({"where": s.where, "answer": a, "pred": None, "ok": False, "distance_px": None})
             continue
         px, py = from_model_coords(click[0], click[1], w, h, convention, processor)
         box = t.get("box")
@@ -79,7 +79,7 @@ def score_clicks(samples: list[Sample], answers: list[str], convention: str, pro
         hits += ok
         tx, ty = t["point"]
         dists.append(math.hypot(px - tx, py - ty))
-        per.append({"where": s.where, "answer": a, "pred": [px, py], "ok": ok})
+        per.append({"where": s.where, "answer": a, "pred": [px, py], "ok": ok, "distance_px": dists[-1]})
     n = max(len(samples), 1)
     return {
         "n": len(samples),

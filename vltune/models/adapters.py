@@ -66,6 +66,14 @@ def find_user_adapters(directory: str | Path) -> dict[int, Path]:
     return found
 
 
+def indices_by_user(samples) -> dict:
+    """{user (the `user` column, None without one): indices of their samples}, in order of first appearance."""
+    groups: dict = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.extra.get("user"), []).append(i)
+    return groups
+
+
 class UserAdapters:
     """Per-user LoRA adapters on one loaded model: `with bank.use(user): model.generate(...)`.
 

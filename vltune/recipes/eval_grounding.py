@@ -26,6 +26,7 @@ true box and click in green, prediction in red).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -96,37 +97,22 @@ def breakdown(records: list[dict]) -> dict:
 
 
 def score_samples(samples, answers, convention: str, processor) -> list[dict]:
-    from ..eval.grounding import score_clicks
+    """score_clicks' per-sample records plus the user, the instruction kind and the target."""
+    from ..eval.grounding import score_clicks, target_of
 
     scored = score_clicks(samples, answers, convention, processor)["per_sample"]
-    records = []
-    for s, r in zip(samples, scored):
-        t = _target(s)
-        dist = None
-        if r["pred"] is not None:
-            dist = ((r["pred"][0] - t["point"][0]) ** 2 + (r["pred"][1] - t["point"][1]) ** 2) ** 0.5
-        records.append({"where": s.where, "user": s.extra.get("user"), "kind": s.extra.get("kind"),
-                        "answer": r["answer"], "pred": r["pred"], "ok": r["ok"], "distance_px": dist,
-                        "target": t})
-    return records
-
-
-def _target(sample) -> dict:
-    from ..eval.grounding import target_of
-
-    return target_of(sample)
+    return [{**r, "user": s.extra.get("user"), "kind": s.extra.get("kind"), "target": target_of(s)}
+            for s, r in zip(samples, scored)]
 
 
 # ---------------------------------------------------------------------------- running setups
 def answer_by_user(samples, processor, model_for_user, args: EvalGroundingArguments, desc: str) -> list[str]:
     """Answers in sample order, generated user by user with `model_for_user(user)` (a context manager)."""
     from ..eval.grounding import generate_answers
+    from ..models.adapters import indices_by_user
 
-    groups = defaultdict(list)
-    for i, s in enumerate(samples):
-        groups[s.extra.get("user")].append(i)
     answers: list[str | None] = [None] * len(samples)
-    for user, idx in groups.items():
+    for user, idx in indices_by_user(samples).items():
         with model_for_user(user) as model:
             got = generate_answers(model, processor, [samples[i] for i in idx], batch_size=args.batch_size,
                                    max_new_tokens=args.max_new_tokens, desc=f"{desc} user {user}")
@@ -135,20 +121,14 @@ def answer_by_user(samples, processor, model_for_user, args: EvalGroundingArgume
     return answers  # type: ignore[return-value]
 
 
-class _Fixed:
+def _same_model(model):
     """model_for_user for a setup without per-user adapters."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, user):
-        import contextlib
-
-        return contextlib.nullcontext(self.model)
+    return lambda user: contextlib.nullcontext(model)
 
 
 def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments) -> dict:
     from ..data.formats import read_dataset
+    from ..eval.grounding import target_of
     from ..models.adapters import UserAdapters, load_global, zero_shot_model_of
     from ..models.inference import load_for_inference
     from ..models.load import model_family, resolve_model_path
@@ -165,7 +145,7 @@ def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments)
     usable = []
     for s in samples:
         try:
-            _target(s)
+            target_of(s)
             usable.append(s)
         except ValueError as e:
             logger.warning("[data] skipped: %s", e)
@@ -197,10 +177,10 @@ def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments)
     if args.zero_shot:
         zs_path = zero_shot_model_of(_global_spec(model_args, args)) if args.zero_shot == "auto" else args.zero_shot
         zs_model, _, _ = load_for_inference(replace(model_args, model=zs_path))
-        evaluate("zero-shot", _Fixed(zs_model))
+        evaluate("zero-shot", _same_model(zs_model))
         del zs_model
         gc.collect()
-    evaluate("global" if args.per_user_adapters else "model", _Fixed(global_model))
+    evaluate("global" if args.per_user_adapters else "model", _same_model(global_model))
     if args.per_user_adapters:
         bank = UserAdapters(global_model, args.per_user_adapters)
         no_adapter = sorted({s.extra.get("user") for s in samples} - set(bank.users), key=str)
@@ -246,7 +226,7 @@ def write_report(out: Path, report: dict, predictions: dict, samples, plot_sampl
 
     (out / "report.json").write_text(json.dumps(report, indent=2))
     names = list(report["setups"])
-    md = [f"# Grounding evaluation\n", f"- model: `{report['model']}`",
+    md = ["# Grounding evaluation\n", f"- model: `{report['model']}`",
           f"- data: {', '.join(map(str, report['dataset']))} ({report['n_samples']} samples"
           f"{', users ' + report['users'] if report['users'] else ''})",
           f"- coordinates: {report['coordinates']}\n", "## Overall\n", format_overall(report), ""]

@@ -141,13 +141,10 @@ def answer_samples(model, processor, samples: list, args: InferArguments, gen: d
 
 def _answer_per_user(bank, processor, samples: list, args: InferArguments, gen: dict):
     """answer_samples, user by user with that user's adapter active; yields in the data set's order."""
-    from collections import defaultdict
+    from ..models.adapters import indices_by_user
 
-    groups: dict = defaultdict(list)
-    for i, s in enumerate(samples):
-        groups[s.extra.get("user")].append(i)
     results: list = [None] * len(samples)
-    for user, idx in groups.items():
+    for user, idx in indices_by_user(samples).items():
         with bank.use(None if user is None else int(user)) as model:
             for i, got in zip(idx, answer_samples(model, processor, [samples[i] for i in idx], args, gen)):
                 results[i] = got

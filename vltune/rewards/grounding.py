@@ -40,11 +40,17 @@ def _target_and_size(row: dict) -> tuple[dict | None, tuple[float, float] | None
     return target, (tuple(size) if size else None)
 
 
-class ClickReward:
-    """1.0 if the answer's click(x, y) lies inside the target box, else 0.0 (unparseable: 0.0)."""
+class _BoxTargetReward:
+    """Per completion: None where the row has no target box (the reward does not apply), else `score`."""
 
     def __init__(self, ctx: RewardContext):
         self.ctx = ctx
+
+    def to_pixels(self, mx: float, my: float, size) -> tuple[float, float]:
+        return from_model_coords(mx, my, size[0], size[1], self.ctx.coords, self.ctx.processor)
+
+    def score(self, text: str, box: list[float], size) -> float:
+        raise NotImplementedError
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
         out: list[float | None] = []
@@ -52,15 +58,20 @@ class ClickReward:
             target, size = _target_and_size(_row(kwargs, i))
             if target is None or not target.get("box") or size is None:
                 out.append(None)
-                continue
-            click = parse_click(completion_text(completion))
-            if click is None:
-                out.append(0.0)
-                continue
-            x, y = from_model_coords(click[0], click[1], size[0], size[1], self.ctx.coords, self.ctx.processor)
-            x1, y1, x2, y2 = target["box"]
-            out.append(1.0 if x1 <= x <= x2 and y1 <= y <= y2 else 0.0)
+            else:
+                out.append(self.score(completion_text(completion), list(target["box"]), size))
         return out
+
+
+class ClickReward(_BoxTargetReward):
+    """1.0 if the answer's click(x, y) lies inside the target box, else 0.0 (unparseable: 0.0)."""
+
+    def score(self, text: str, box: list[float], size) -> float:
+        click = parse_click(text)
+        if click is None:
+            return 0.0
+        x, y = self.to_pixels(click[0], click[1], size)
+        return 1.0 if box[0] <= x <= box[2] and box[1] <= y <= box[3] else 0.0
 
 
 def box_iou(a: list[float], b: list[float]) -> float:
@@ -71,26 +82,14 @@ def box_iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-class IoUReward:
+class IoUReward(_BoxTargetReward):
     """IoU (0..1) between the first [x1, y1, x2, y2] in the answer and the target box; 0.0 if none is given."""
 
-    def __init__(self, ctx: RewardContext):
-        self.ctx = ctx
-
-    def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
-        out: list[float | None] = []
-        for i, completion in enumerate(completions):
-            target, size = _target_and_size(_row(kwargs, i))
-            if target is None or not target.get("box") or size is None:
-                out.append(None)
-                continue
-            m = BOX_RE.search(completion_text(completion))
-            if not m:
-                out.append(0.0)
-                continue
-            v = [float(g) for g in m.groups()]
-            p1 = from_model_coords(v[0], v[1], size[0], size[1], self.ctx.coords, self.ctx.processor)
-            p2 = from_model_coords(v[2], v[3], size[0], size[1], self.ctx.coords, self.ctx.processor)
-            pred = [min(p1[0], p2[0]), min(p1[1], p2[1]), max(p1[0], p2[0]), max(p1[1], p2[1])]
-            out.append(box_iou(pred, list(target["box"])))
-        return out
+    def score(self, text: str, box: list[float], size) -> float:
+        m = BOX_RE.search(text)
+        if not m:
+            return 0.0
+        v = [float(g) for g in m.groups()]
+        p1, p2 = self.to_pixels(v[0], v[1], size), self.to_pixels(v[2], v[3], size)
+        pred = [min(p1[0], p2[0]), min(p1[1], p2[1]), max(p1[0], p2[0]), max(p1[1], p2[1])]
+        return box_iou(pred, box)
