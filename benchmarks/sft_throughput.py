@@ -222,7 +222,7 @@ def cmd_llamafactory(s: dict, venv: Path) -> list[str]:
 
 
 TRAINS_ON = {
-    "vltune": "assistant text + <|im_end|> (vltune's assistant-only labels)",
+    "vltune": "assistant turn `click(x, y)<|im_end|>\\n` (vltune's assistant-only labels)",
     "trl": "completion = `click(x, y)<|im_end|>\\n` (prompt-completion data, completion_only_loss; TRL "
            "refuses assistant_only_loss for VLMs)",
     "swift": "assistant turn `click(x, y)<|im_end|>\\n` (--loss_scale default)",
@@ -623,8 +623,7 @@ def report(results: dict, a, device: str, spec: dict, extra_cols=None, notes=Non
             tv = (v.get("trained_s") or 0) / (v.get("samples_s") or float("nan"))
             tb = (results[base].get("trained_s") or 0) / (results[base].get("samples_s") or float("nan"))
             if abs(tv - tb) > 0.01:
-                out.append(f"  trained tokens per sample differ: vltune {tv:.2f}, {base} {tb:.2f} (vltune's labels end at "
-                           f"<|im_end|>; the peers also train the '\\n' the template writes after it)")
+                out.append(f"  trained tokens per sample differ: vltune {tv:.2f}, {base} {tb:.2f}")
     for n, r in results.items():
         if r.get("error") or (r.get("rc") not in (0, None) and not r.get("skipped")):
             out.append(f"\n{n}: {r.get('error') or 'failed'}; log: {r.get('log')}")

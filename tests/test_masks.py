@@ -1,4 +1,4 @@
-"""Assistant-only labels: exactly the assistant text + its end token, for every family."""
+"""Assistant-only labels: exactly the assistant text + its end token (+ the newline after it), for every family."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ END = {"qwen3_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "qwen2_vl": "<|im_e
 IMG = Image.new("RGB", (64, 64), (10, 200, 10))
 
 
-def labelled_text(processor, rows, loss_scale="default"):
+def labelled_text(processor, rows, loss_scale="default", strip=True):
     samples = [normalize_row(r, None, f"t:{i}") for i, r in enumerate(rows)]
     batch = SFTCollator(processor, loss_scale)([{"sample": s, "images": [IMG] * len(s.images)} for s in samples])
     tok = processor.tokenizer
@@ -33,7 +33,7 @@ def labelled_text(processor, rows, loss_scale="default"):
                 runs.append(tok.decode(cur)), cur.clear()
         if cur:
             runs.append(tok.decode(cur))
-        out.append([r.strip() for r in runs])
+        out.append([r.strip() for r in runs] if strip else runs)
     return out, batch
 
 
@@ -96,3 +96,16 @@ def test_length_estimate_matches_the_processor(family, processor_for):
     batch = SFTCollator(proc)([{"sample": samples[0], "images": rows[0]["images"]}])
     assert report.skipped == 0
     assert lengths[0] == int(batch["attention_mask"].sum())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_newline_after_the_end_token_is_trained_like_the_peers(family, processor_for):
+    """ms-swift, LLaMA-Factory and TRL train the template's newline after the end token; so does vltune (same
+    trained tokens -> same loss, benchmarks/sft_throughput.py). The next turn's header stays masked."""
+    proc = processor_for(family)
+    end = END[family]
+    rows = [{"messages": [{"role": "user", "content": "<image>first"}, {"role": "assistant", "content": "one"},
+                          {"role": "user", "content": "second"}, {"role": "assistant", "content": "two"}],
+             "images": [IMG]}]
+    runs, _ = labelled_text(proc, rows, strip=False)
+    assert [r.lstrip(" ") for r in runs[0]] == [f"one{end}\n", f"two{end}\n"]

@@ -3,11 +3,12 @@
 The family's own chat template renders the conversation. Each assistant turn is
 rendered as a sentinel first, so the character span of its text is known
 exactly; the span is then extended over the end-of-turn token that the
-template writes after it (`<|im_end|>`, `<end_of_utterance>`, ...). After the
+template writes after it (`<|im_end|>`, `<end_of_utterance>`, ...) and the newline that follows it
+(as ms-swift, LLaMA-Factory and TRL train it, so the losses agree). After the
 processor has expanded the image placeholders, the spans are shifted by the
 replacement offsets it reports and mapped onto tokens through the tokenizer's
 offset mapping. Labels are the input ids on those tokens and -100 elsewhere, so
-the loss covers exactly the assistant text + its end token, whatever the family.
+the loss covers exactly the assistant text + its end token (+ newline), whatever the family.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _SENTINEL = "\ue000{}\ue001"
 @dataclass
 class Rendered:
     text: str
-    spans: list[tuple[int, int]]  # character spans to train on (assistant text + end token)
+    spans: list[tuple[int, int]]  # character spans to train on (assistant text + end token + newline)
 
 
 def _template_messages(sample: Sample) -> list[dict]:
@@ -83,10 +84,14 @@ def render(sample: Sample, processor, loss_scale: str = "default", add_generatio
         out_len += len(content)
         pos = at + len(sentinel)
         end = out_len
-        following = templated[pos:pos + 32]
+        following = templated[pos:pos + 33]
         for tok in ends:
             if following.startswith(tok):
                 end += len(tok)
+                # The separator the template writes right after the end token ("<|im_end|>\n") is trained too,
+                # as ms-swift, LLaMA-Factory and TRL do: the same tokens are trained, so losses agree with theirs.
+                if following[len(tok):len(tok) + 1] == "\n":
+                    end += 1
                 break
         if i in trained:
             spans.append((start, end))
