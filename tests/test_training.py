@@ -164,7 +164,7 @@ def test_resume_continues_at_the_right_step_with_the_same_loss(tmp_path, groundi
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_to_keep_gives_the_same_loss_and_gradients(family, tiny_path, processor_for, grounding_jsonl):
-    """The speed-up (logits only from the first trained position on) must not change the numbers."""
+    """The speed-up (logits only from the first trained position on, left padding) must not change the numbers."""
     from transformers import AutoModelForImageTextToText
 
     from vltune.data.dataset import SFTCollator, SFTDataset
@@ -175,10 +175,13 @@ def test_logits_to_keep_gives_the_same_loss_and_gradients(family, tiny_path, pro
     assert accepts_logits_to_keep(model)
     samples, _ = read_dataset(grounding_jsonl)
     items = [SFTDataset(samples)[i] for i in range(3)]
+    items[1]["sample"].messages[0]["content"][-1]["text"] += " (a longer instruction, so the batch has padding)"
     results = []
     for keep in (False, True):
         batch = SFTCollator(processor_for(family), logits_to_keep=keep)(items)
         assert ("logits_to_keep" in batch) == keep
+        padded = batch["attention_mask"] == 0
+        assert padded.any() and padded[:, 0 if keep else -1].any(), "left padding with logits_to_keep, else right"
         model.zero_grad()
         loss = model(**batch).loss
         loss.backward()

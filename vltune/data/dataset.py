@@ -165,20 +165,27 @@ class SFTCollator:
     def __init__(self, processor, loss_scale: str = "default", logits_to_keep: bool = False):
         """logits_to_keep: compute logits only from the first trained position of the batch on (the model's
         `logits_to_keep` argument, labels sliced to match). Same loss; far less lm_head + cross-entropy work,
-        which dominates small VLMs with large vocabularies. Enable only for models whose forward accepts it."""
+        which dominates small VLMs with large vocabularies. Enable only for models whose forward accepts it.
+        The batch is then padded on the left: every sample ends with its last answer, so the kept tail is as
+        short as the longest answer instead of also spanning the length differences between samples
+        (positions are relative under RoPE, so the loss is the same)."""
         self.processor = processor
         self.loss_scale = loss_scale
         self.logits_to_keep = logits_to_keep
-        tok = getattr(processor, "tokenizer", processor)
-        tok.padding_side = "right"
+        self.padding_side = "left" if logits_to_keep else "right"
 
     def __call__(self, features: list[dict]) -> dict:
         rendered = [render(f["sample"], self.processor, self.loss_scale) for f in features]
         images = [img for f in features for img in f["images"]]
-        out = self.processor(
-            text=[r.text for r in rendered], images=images or None, padding=True, return_tensors="pt",
-            return_offsets_mapping=True, return_text_replacement_offsets=True, add_special_tokens=False,
-        )
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        side, tok.padding_side = tok.padding_side, self.padding_side
+        try:
+            out = self.processor(
+                text=[r.text for r in rendered], images=images or None, padding=True, return_tensors="pt",
+                return_offsets_mapping=True, return_text_replacement_offsets=True, add_special_tokens=False,
+            )
+        finally:
+            tok.padding_side = side
         offsets = out.pop("offset_mapping").tolist()
         replacements = out.pop("text_replacement_offsets", None) or [[] for _ in features]
         ids = out["input_ids"].tolist()
