@@ -106,6 +106,27 @@ def test_seeds03_lora_frozen_backbone_lstm_trains_and_reloads(tmp_path, calvin_s
     assert set(np.unique(a[:, 6])) <= {-1.0, 1.0}, "gripper dim comes out as the data's open/close values"
 
 
+def test_batch_norm_head_input_saves_its_statistics(tmp_path, calvin_set):
+    """--head_input_norm batch: running statistics are learnt, saved and used at inference (live == reloaded)."""
+    from vltune.vla.heads import FeatureBatchNorm
+    from vltune.vla.policy import FrameInputs, Policy
+
+    res = train(tmp_path, calvin_set, "--action_head", "gpt", "--window_size", "2")  # batch is the default
+    norm = res.model.head.inp[0]
+    assert isinstance(norm, FeatureBatchNorm) and norm.running_mean.abs().sum() > 0
+    one = torch.randn(1, 1, norm.num_features)  # a last batch of one frame must not stop training
+    assert torch.isfinite(norm.train()(one)).all()
+    policy = Policy.from_pretrained(tmp_path)
+    torch.testing.assert_close(policy.model.head.inp[0].running_var, norm.running_var.cpu())
+    live = Policy(res.model.eval(), FrameInputs(policy.frames.processor, res.config), policy.normalizers)
+    ep = make_episodes(1, length=4, state_dim=2, seed=5)[0]
+    out = []
+    for p in (policy, live):
+        p.reset()
+        out.append(np.stack([p.step({"static": ep.images["static"][t]}, ep.instruction, ep.state[t]) for t in range(4)]))
+    np.testing.assert_allclose(out[0], out[1], atol=1e-5)
+
+
 def test_broken_setup_gets_the_preflight_error(tiny_path, processor_for, calvin_set):
     """Reentrant checkpointing over frozen embeddings without the input-grad hook: LoRA gets no gradient."""
     from transformers import AutoModelForImageTextToText

@@ -280,7 +280,8 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
             gripper_dims=gripper_dims, gripper_values=gripper_values, state_dim=len(state_idx),
             state_indices=state_idx, cameras=cameras, image_size=policy_args.image_size,
             use_images=policy_args.use_images, arm_loss=policy_args.arm_loss,
-            arm_gripper_loss_ratio=policy_args.arm_gripper_loss_ratio, readout=policy_args.readout)
+            arm_gripper_loss_ratio=policy_args.arm_gripper_loss_ratio, readout=policy_args.readout,
+            head_input_norm=policy_args.head_input_norm)
         normalizers = build_normalizers(config, data, train_eps)
         frames = FrameInputs(processor, config)
         if config.use_images and config.readout == "action+image":

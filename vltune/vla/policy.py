@@ -183,7 +183,7 @@ class PolicyModel(nn.Module):
         per_frame = d * (1 + (config.image_tokens if self.read_images else 0))
         in_dim = per_frame + (self.STATE_FEATURES if config.state_dim else 0)
         self.head = build_head(config.action_head, in_dim, config.head_hidden, config.head_layers,
-                               config.action_dim, config.fwd_pred_next_n, config.window_size)
+                               config.action_dim, config.fwd_pred_next_n, config.window_size, config.head_input_norm)
         self.arm = torch.tensor(config.arm_dims, dtype=torch.long)
         self.grip = torch.tensor(config.gripper_dims, dtype=torch.long)
 
