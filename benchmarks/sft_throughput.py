@@ -175,7 +175,8 @@ def cmd_vltune(s: dict) -> list[str]:
             "--max_steps", str(s["steps"]), "--gradient_checkpointing", "false",
             "--torch_dtype", s["dtype"], *(["--bf16", "true"] if s["dtype"] == "bfloat16" else []),
             "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", "42",
-            "--dataloader_num_workers", "0", "--device", s["device"], "--output_dir", s["out"]]
+            "--dataloader_num_workers", "0", "--device", s["device"], "--output_dir", s["out"],
+            "--train_separator", "true"]  # the peers also train the '\n' after <|im_end|>: same tokens, same loss
 
 
 def cmd_trl(s: dict) -> list[str]:
@@ -222,7 +223,7 @@ def cmd_llamafactory(s: dict, venv: Path) -> list[str]:
 
 
 TRAINS_ON = {
-    "vltune": "assistant turn `click(x, y)<|im_end|>\\n` (vltune's assistant-only labels)",
+    "vltune": "assistant turn `click(x, y)<|im_end|>\\n` (assistant-only labels, --train_separator true)",
     "trl": "completion = `click(x, y)<|im_end|>\\n` (prompt-completion data, completion_only_loss; TRL "
            "refuses assistant_only_loss for VLMs)",
     "swift": "assistant turn `click(x, y)<|im_end|>\\n` (--loss_scale default)",

@@ -1,4 +1,4 @@
-"""Assistant-only labels: exactly the assistant text + its end token (+ the newline after it), for every family."""
+"""Assistant-only labels: exactly the assistant text + its end token, for every family."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ END = {"qwen3_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "qwen2_vl": "<|im_e
 IMG = Image.new("RGB", (64, 64), (10, 200, 10))
 
 
-def labelled_text(processor, rows, loss_scale="default", strip=True):
+def labelled_text(processor, rows, loss_scale="default", strip=True, train_separator=False):
     samples = [normalize_row(r, None, f"t:{i}") for i, r in enumerate(rows)]
-    batch = SFTCollator(processor, loss_scale)([{"sample": s, "images": [IMG] * len(s.images)} for s in samples])
+    batch = SFTCollator(processor, loss_scale, train_separator=train_separator)([{"sample": s, "images": [IMG] * len(s.images)} for s in samples])
     tok = processor.tokenizer
     out = []
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
@@ -99,13 +99,16 @@ def test_length_estimate_matches_the_processor(family, processor_for):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_newline_after_the_end_token_is_trained_like_the_peers(family, processor_for):
-    """ms-swift, LLaMA-Factory and TRL train the template's newline after the end token; so does vltune (same
-    trained tokens -> same loss, benchmarks/sft_throughput.py). The next turn's header stays masked."""
+def test_train_separator_trains_the_newline_after_the_end_token_like_the_peers(family, processor_for):
+    """ms-swift, LLaMA-Factory and TRL train the template's newline after the end token; with --train_separator
+    so does vltune (same trained tokens -> same loss, benchmarks/sft_throughput.py); without it the run ends at
+    the end token. The next turn's header stays masked either way."""
     proc = processor_for(family)
     end = END[family]
     rows = [{"messages": [{"role": "user", "content": "<image>first"}, {"role": "assistant", "content": "one"},
                           {"role": "user", "content": "second"}, {"role": "assistant", "content": "two"}],
              "images": [IMG]}]
-    runs, _ = labelled_text(proc, rows, strip=False)
+    runs, _ = labelled_text(proc, rows, strip=False, train_separator=True)
     assert [r.lstrip(" ") for r in runs[0]] == [f"one{end}\n", f"two{end}\n"]
+    runs, _ = labelled_text(proc, rows, strip=False)
+    assert [r.lstrip(" ") for r in runs[0]] == [f"one{end}", f"two{end}"]

@@ -162,7 +162,8 @@ class SFTCollator:
     (it pads text and batches pixel values the family's way), and build labels
     that cover exactly the trained assistant spans."""
 
-    def __init__(self, processor, loss_scale: str = "default", logits_to_keep: bool = False):
+    def __init__(self, processor, loss_scale: str = "default", logits_to_keep: bool = False,
+                 train_separator: bool = False):
         """logits_to_keep: compute logits only from the first trained position of the batch on (the model's
         `logits_to_keep` argument, labels sliced to match). Same loss; far less lm_head + cross-entropy work,
         which dominates small VLMs with large vocabularies. Enable only for models whose forward accepts it.
@@ -172,10 +173,12 @@ class SFTCollator:
         self.processor = processor
         self.loss_scale = loss_scale
         self.logits_to_keep = logits_to_keep
+        self.train_separator = train_separator
         self.padding_side = "left" if logits_to_keep else "right"
 
     def __call__(self, features: list[dict]) -> dict:
-        rendered = [render(f["sample"], self.processor, self.loss_scale) for f in features]
+        rendered = [render(f["sample"], self.processor, self.loss_scale, train_separator=self.train_separator)
+                    for f in features]
         images = [img for f in features for img in f["images"]]
         tok = getattr(self.processor, "tokenizer", self.processor)
         side, tok.padding_side = tok.padding_side, self.padding_side

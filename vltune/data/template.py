@@ -3,12 +3,12 @@
 The family's own chat template renders the conversation. Each assistant turn is
 rendered as a sentinel first, so the character span of its text is known
 exactly; the span is then extended over the end-of-turn token that the
-template writes after it (`<|im_end|>`, `<end_of_utterance>`, ...) and the newline that follows it
-(as ms-swift, LLaMA-Factory and TRL train it, so the losses agree). After the
+template writes after it (`<|im_end|>`, `<end_of_utterance>`, ...), and with `train_separator` over the
+newline that follows it too (what ms-swift, LLaMA-Factory and TRL train). After the
 processor has expanded the image placeholders, the spans are shifted by the
 replacement offsets it reports and mapped onto tokens through the tokenizer's
 offset mapping. Labels are the input ids on those tokens and -100 elsewhere, so
-the loss covers exactly the assistant text + its end token (+ newline), whatever the family.
+the loss covers exactly the assistant text + its end token, whatever the family.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _SENTINEL = "\ue000{}\ue001"
 @dataclass
 class Rendered:
     text: str
-    spans: list[tuple[int, int]]  # character spans to train on (assistant text + end token + newline)
+    spans: list[tuple[int, int]]  # character spans to train on (assistant text + end token [+ newline])
 
 
 def _template_messages(sample: Sample) -> list[dict]:
@@ -59,8 +59,10 @@ def trained_turns(sample: Sample, loss_scale: str = "default") -> list[int]:
     return sorted(i for i in chosen if sample.messages[i].get("loss") is not False)
 
 
-def render(sample: Sample, processor, loss_scale: str = "default", add_generation_prompt: bool = False) -> Rendered:
-    """Render `sample` with the processor's chat template; return the text and the spans to train."""
+def render(sample: Sample, processor, loss_scale: str = "default", add_generation_prompt: bool = False,
+           train_separator: bool = False) -> Rendered:
+    """Render `sample` with the processor's chat template; return the text and the spans to train
+    (train_separator: also the newline the template writes right after the end token)."""
     trained = set(trained_turns(sample, loss_scale))
     templated = processor.apply_chat_template(
         _template_messages(sample), tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -88,9 +90,7 @@ def render(sample: Sample, processor, loss_scale: str = "default", add_generatio
         for tok in ends:
             if following.startswith(tok):
                 end += len(tok)
-                # The separator the template writes right after the end token ("<|im_end|>\n") is trained too,
-                # as ms-swift, LLaMA-Factory and TRL do: the same tokens are trained, so losses agree with theirs.
-                if following[len(tok):len(tok) + 1] == "\n":
+                if train_separator and following[len(tok):len(tok) + 1] == "\n":
                     end += 1
                 break
         if i in trained:

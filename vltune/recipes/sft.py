@@ -141,7 +141,8 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
 
         train_ds, eval_ds, report = build_datasets(data, processor, args.seed, str(out), family.coords, samples)
         model = build_model(model_args, tuner, args, path, model)
-        collator = SFTCollator(processor, data.loss_scale, logits_to_keep=accepts_logits_to_keep(model))
+        collator = SFTCollator(processor, data.loss_scale, logits_to_keep=accepts_logits_to_keep(model),
+                               train_separator=data.train_separator)
 
         # Preflight on a real batch, on the device Trainer will use.
         if not getattr(model, "is_loaded_in_4bit", False):
