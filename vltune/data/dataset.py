@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .errors import DataError, SampleTooLong
 from .formats import Sample
 from .images import image_size, load_image
-from .template import IGNORE_INDEX, labels_from_spans, render
+from .template import IGNORE_INDEX, labels_from_spans, padded_on, render
 
 logger = logging.getLogger("vltune")
 
@@ -180,15 +180,11 @@ class SFTCollator:
         rendered = [render(f["sample"], self.processor, self.loss_scale, train_separator=self.train_separator)
                     for f in features]
         images = [img for f in features for img in f["images"]]
-        tok = getattr(self.processor, "tokenizer", self.processor)
-        side, tok.padding_side = tok.padding_side, self.padding_side
-        try:
+        with padded_on(self.processor, self.padding_side):
             out = self.processor(
                 text=[r.text for r in rendered], images=images or None, padding=True, return_tensors="pt",
                 return_offsets_mapping=True, return_text_replacement_offsets=True, add_special_tokens=False,
             )
-        finally:
-            tok.padding_side = side
         offsets = out.pop("offset_mapping").tolist()
         replacements = out.pop("text_replacement_offsets", None) or [[] for _ in features]
         ids = out["input_ids"].tolist()

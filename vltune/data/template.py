@@ -14,6 +14,7 @@ the loss covers exactly the assistant text + its end token, whatever the family.
 from __future__ import annotations
 
 import bisect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import DataError
@@ -97,6 +98,17 @@ def render(sample: Sample, processor, loss_scale: str = "default", add_generatio
             spans.append((start, end))
     text.append(templated[pos:])
     return Rendered("".join(text), spans)
+
+
+@contextmanager
+def padded_on(processor, side: str):
+    """Pad the processor's tokenizer on `side` ("left" | "right") inside the block; restore it afterwards."""
+    tok = getattr(processor, "tokenizer", processor)
+    before, tok.padding_side = tok.padding_side, side
+    try:
+        yield tok
+    finally:
+        tok.padding_side = before
 
 
 def prompt_text(sample: Sample, processor) -> str:

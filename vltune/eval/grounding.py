@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..data.formats import Sample
 from ..data.images import load_image
-from ..data.template import prompt_text
+from ..data.template import padded_on, prompt_text
 from .coords import from_model_coords, parse_click
 
 
@@ -19,8 +19,6 @@ def generate_answers(model, processor, samples: list[Sample], batch_size: int = 
                      desc: str = "generating", **generate_kwargs) -> list[str]:
     """Greedy (by default) answers to each sample's prompt (the conversation without its last assistant turn)."""
     tok = processor.tokenizer
-    old_side = tok.padding_side
-    tok.padding_side = "left"
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -29,18 +27,18 @@ def generate_answers(model, processor, samples: list[Sample], batch_size: int = 
         gen.update(temperature=None, top_p=None, top_k=None)
     answers: list[str] = []
     try:
-        for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False,
-                      disable=len(samples) <= batch_size):
-            chunk = samples[i:i + batch_size]
-            texts = [prompt_text(s, processor) for s in chunk]
-            images = [load_image(r) for s in chunk for r in s.images]
-            inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt",
-                               add_special_tokens=False).to(device)
-            out = model.generate(**inputs, **gen)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            answers.extend(tok.batch_decode(new, skip_special_tokens=True))
+        with padded_on(processor, "left"):
+            for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False,
+                          disable=len(samples) <= batch_size):
+                chunk = samples[i:i + batch_size]
+                texts = [prompt_text(s, processor) for s in chunk]
+                images = [load_image(r) for s in chunk for r in s.images]
+                inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt",
+                                   add_special_tokens=False).to(device)
+                out = model.generate(**inputs, **gen)
+                new = out[:, inputs["input_ids"].shape[1]:]
+                answers.extend(tok.batch_decode(new, skip_special_tokens=True))
     finally:
-        tok.padding_side = old_side
         model.train(was_training)
     return answers
 

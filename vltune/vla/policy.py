@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.template import padded_on
 from .config import PolicyConfig
 from .heads import build_head
 from .normalize import Normalizer, load_normalizers, save_normalizers
@@ -118,12 +119,8 @@ class FrameInputs:
         if self.n_images and not self.fast:
             texts = [self.prompt(i) for i in instructions]
             imgs = [[im.numpy() for im in frame] for frame in images]
-            tok = self.tokenizer
-            side, tok.padding_side = tok.padding_side, "left"
-            try:
+            with padded_on(self.processor, "left"):
                 return dict(self.processor(text=texts, images=imgs, return_tensors="pt", padding=True))
-            finally:
-                tok.padding_side = side
         rows = [self.ids(i) for i in instructions]
         length = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
