@@ -16,7 +16,6 @@ screenshot's pixels. The playground page is at http://HOST:PORT/.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import sys
 
@@ -28,10 +27,15 @@ logger = logging.getLogger("vltune")
 
 
 def _serve_policy(argv: list[str]):
-    if importlib.util.find_spec("vltune.recipes.serve_policy") is None:
+    """`vltune serve policy ...` -> the robot-policy server's command (imported only when asked for)."""
+    try:
+        module = importlib.import_module("vltune.recipes.serve_policy")
+    except ModuleNotFoundError as e:
+        if e.name != "vltune.recipes.serve_policy":
+            raise
         print("vltune serve policy: the robot-policy server is not part of this vltune installation", file=sys.stderr)
-        raise SystemExit(2)
-    return importlib.import_module("vltune.recipes.serve_policy").main(argv)
+        raise SystemExit(2) from None
+    return module.main(argv)
 
 
 def main(argv: list[str] | None = None):

@@ -39,6 +39,16 @@ def parse_named_adapters(specs: list[str]) -> dict[str, Path]:
     return named
 
 
+def adapter_paths(per_user_dir: str | None, named: dict[str, Path]) -> dict[str, Path]:
+    """{name: dir} of every servable adapter: user_<id> of --per_user_adapters, then --adapters' names."""
+    paths = {f"user_{u}": p for u, p in find_user_adapters(per_user_dir).items()} if per_user_dir else {}
+    clash = set(paths) & set(named)
+    if clash:
+        raise ValueError(f"--adapters: the name(s) {', '.join(sorted(clash))} are already users of "
+                         f"--per_user_adapters; pick other names")
+    return {**paths, **named}
+
+
 def _targets_vision(path: Path) -> bool:
     """Does this LoRA adapter put layers on the vision tower? (PEFT's per-row adapter routing indexes rows,
     but the vision tower sees image patches, so such adapters are run in batches of their own.)"""
@@ -53,18 +63,10 @@ class AdapterPool:
     """{name: adapter dir} available; `prepare(names)` loads the missing ones (evicting LRU) and returns
     the model to call with PEFT's `adapter_names=` (or the plain global model while none is loaded)."""
 
-    def __init__(self, model, per_user_dir: str | None = None, named: dict[str, Path] | None = None,
-                 max_loaded: int = 32):
+    def __init__(self, model, paths: dict[str, Path], max_loaded: int = 32):
         if max_loaded < 1:
             raise ValueError("--max_loaded_adapters must be at least 1")
-        self.paths: dict[str, Path] = {}
-        if per_user_dir:
-            self.paths.update({f"user_{u}": p for u, p in find_user_adapters(per_user_dir).items()})
-        clash = set(self.paths) & set(named or {})
-        if clash:
-            raise ValueError(f"--adapters: the name(s) {', '.join(sorted(clash))} are already users of "
-                             f"--per_user_adapters; pick other names")
-        self.paths.update(named or {})
+        self.paths = dict(paths)
         self.vision = {name: _targets_vision(p) for name, p in self.paths.items()}
         self.base = model
         self.model = model  # becomes a PeftModel with the first adapter loaded
@@ -101,13 +103,14 @@ class AdapterPool:
         return (identity if identity in self.paths else None), identity
 
     def groups(self, names: list[str | None]) -> list[list[int]]:
-        """Row indices split into runs that can share one generate call: at most max_loaded distinct adapters
-        each, and a vision-tower adapter only with rows of the same adapter."""
+        """Row indices split into generate calls: rows ordered by adapter, at most max_loaded distinct adapters
+        per call, and an adapter with LoRA on the vision tower only with rows of its own."""
+        order = sorted(range(len(names)), key=lambda i: (names[i] is not None, names[i] or ""))
         out: list[list[int]] = []
         current: list[int] = []
         distinct: set[str] = set()
-        for i, name in enumerate(names):
-            key = name or BASE
+        for i in order:
+            key = names[i] or BASE
             new = key not in distinct
             vision_clash = new and (self.vision.get(key, False) or any(self.vision.get(n, False) for n in distinct))
             too_many = new and key != BASE and len(distinct - {BASE}) >= self.max_loaded

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .adapters import AdapterPool, parse_named_adapters
+from .adapters import AdapterPool, adapter_paths, parse_named_adapters
 from .auth import KeyRing, load_key_file
 from .batcher import Batcher, QueueFull
 from .engine import Engine, Job
@@ -58,12 +58,12 @@ def load_service(model_args, opts: ServeArguments) -> Service:
     from ..models.adapters import load_global
     from ..models.load import model_family, resolve_model_path
 
-    named = parse_named_adapters(opts.adapters)
+    paths = adapter_paths(opts.per_user_adapters, parse_named_adapters(opts.adapters))  # before the model loads
     keys = KeyRing(opts.api_key, load_key_file(opts.api_keys) if opts.api_keys else None)
     path = model_args.model or resolve_model_path(model_args)
     family = model_family(path, model_args.trust_remote_code)
     model, processor, described = load_global(replace(model_args, model=path), path)
-    pool = AdapterPool(model, opts.per_user_adapters, named, opts.max_loaded_adapters)
+    pool = AdapterPool(model, paths, opts.max_loaded_adapters)
     base_name = opts.served_model_name or (os.path.basename(os.path.normpath(model_args.model)) if model_args.model
                                            else f"tiny-{model_args.model_family}")
     logger.info("[serve] %s as %r (%s clicks), %d adapter(s)", described, base_name, family.coords, len(pool.paths))
@@ -173,7 +173,7 @@ def create_app(service: Service):
             try:
                 error = await asyncio.wait_for(asyncio.shield(future), opts.request_timeout - (time.monotonic() - start))
             except asyncio.TimeoutError:
-                job.cancelled = True
+                service.batcher.cancel(job)
                 raise timeout_error() from None
             if error is not None:
                 raise APIError(500, f"generation failed: {type(error).__name__}: {error}")
@@ -198,7 +198,7 @@ def create_app(service: Service):
         try:
             first = await asyncio.wait_for(events.get(), opts.request_timeout - (time.monotonic() - start))
         except asyncio.TimeoutError:
-            job.cancelled = True
+            service.batcher.cancel(job)
             raise timeout_error() from None
         ident, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), job.adapter or service.base_name
 

@@ -58,6 +58,15 @@ class Batcher:
             self.metrics.queue_depth.set(len(self.pending))
             self.cond.notify_all()
 
+    def cancel(self, job: Job) -> None:
+        """The caller gave up (504): drop the job if it is still waiting."""
+        with self.cond:
+            job.cancelled = True
+            if job in self.pending:
+                self.pending.remove(job)
+                self.metrics.queue_depth.set(len(self.pending))
+            self.cond.notify_all()
+
     def _take(self) -> list[Job] | None:
         with self.cond:
             while True:
@@ -82,16 +91,16 @@ class Batcher:
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             start = time.monotonic()
-            error = None
+            error, calls = None, []
             try:
-                self.engine.run(batch)
+                calls = self.engine.run(batch)
             except Exception as e:  # noqa: BLE001 -- answered as a 500 for this batch; the server goes on
                 logger.exception("[serve] a batch of %d failed", len(batch))
                 error = e
             seconds = time.monotonic() - start
             self.batch_seconds = seconds if not self.batch_seconds else 0.8 * self.batch_seconds + 0.2 * seconds
-            if error is None:
-                self.metrics.observe_batch(len(batch), sum(len(j.tokens) for j in batch), seconds)
+            for rows, tokens, call_seconds in calls:
+                self.metrics.observe_batch(rows, tokens, call_seconds)
             self.metrics.adapters_loaded.set(len(self.engine.pool.loaded))
             for job in batch:
                 job.done(job, error)

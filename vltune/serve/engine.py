@@ -18,7 +18,7 @@ from ..eval.coords import from_model_coords, parse_click
 from ..eval.grounding import generate_answers
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request on its way through the queue; the engine fills `text`, `tokens`, `finish_reason`."""
 
@@ -111,10 +111,16 @@ class Engine:
     def decode(self, tokens: list[int]) -> str:
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def run(self, jobs: list[Job]) -> None:
-        """Answer every job (they share one batch_key), one generate call per adapter-compatible group."""
+    def run(self, jobs: list[Job]) -> list[tuple[int, int, float]]:
+        """Answer every job (they share one batch_key), one generate call per adapter-compatible group;
+        returns (rows, generated tokens, seconds) per generate call."""
+        calls = []
         for idx in self.pool.groups([j.adapter for j in jobs]):
-            self._generate([jobs[i] for i in idx])
+            group = [jobs[i] for i in idx]
+            start = time.monotonic()
+            self._generate(group)
+            calls.append((len(group), sum(len(j.tokens) for j in group), time.monotonic() - start))
+        return calls
 
     def _generate(self, jobs: list[Job]) -> None:
         model, adapter_names = self.pool.prepare([j.adapter for j in jobs])

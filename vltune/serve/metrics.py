@@ -21,7 +21,7 @@ class Metrics:
         self.latency = Histogram("vltune_request_latency_seconds", "Chat completion latency (streams: to the "
                                  "first byte).", buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("vltune_queue_depth", "Requests waiting for a batch.", registry=self.registry)
-        self.batch_size = Histogram("vltune_batch_size", "Requests per generate call.", buckets=BATCH_BUCKETS,
+        self.batch_size = Histogram("vltune_batch_size", "Requests (rows) per generate call.", buckets=BATCH_BUCKETS,
                                     registry=self.registry)
         self.tokens = Counter("vltune_generated_tokens", "Generated tokens.", registry=self.registry)
         self.tokens_per_second = Gauge("vltune_tokens_per_second", "Generated tokens per second of the last batch.",

@@ -139,10 +139,15 @@ def _check_pixels(source, param: str, opts: ServeArguments) -> None:
     """Refuse an image whose header says it is over --max_image_pixels (nothing decoded yet)."""
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         return  # checked after download, in load_checked_image (PIL's own bomb guard applies meanwhile)
+    from PIL import Image
+
     try:
         w, h = image_size(source, verify=False)
     except DataError as e:
         raise APIError(400, f"{param}: {e.message}", param=param) from None
+    except Image.DecompressionBombError as e:  # PIL refuses sizes far past its own limit already at open
+        raise APIError(400, f"{param}: {e}; this server's limit is {opts.max_image_pixels} pixels "
+                            f"(--max_image_pixels)", param=param) from None
     if w * h > opts.max_image_pixels:
         raise APIError(400, f"{param}: image of {w}x{h} = {w * h} pixels is over the server's limit of "
                             f"{opts.max_image_pixels} (--max_image_pixels); send a smaller screenshot", param=param)
