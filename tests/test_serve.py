@@ -314,7 +314,7 @@ def _server_in_this_process(**options):
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(load_service(ModelArguments(), ServeArguments(**options))),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+                                           host="127.0.0.1", port=port, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
