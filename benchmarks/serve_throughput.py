@@ -22,8 +22,6 @@ p50 / p95 / p99 latency, errors, and (vltune) the histogram of rows per generate
     python benchmarks/serve_throughput.py --device cuda                  # on a GPU machine
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import base64
@@ -165,6 +163,21 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600
             pass
         time.sleep(0.5)
     raise RuntimeError(f"not ready after {timeout:.0f} s: {log_tail(log)}")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (the server and any Python it launched), SIGKILL after 30 s."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def log_tail(path: Path, n: int = 4) -> list[str]:
@@ -317,6 +330,9 @@ def main(argv=None) -> int:
     if a._naive_server:
         naive_server(json.loads(a._naive_server))
         return 0
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the server under test
     servers = [s.strip() for s in a.servers.split(",") if s.strip()]
     bad = [s for s in servers if s not in ALL_SERVERS]
     if bad:
@@ -345,7 +361,8 @@ def main(argv=None) -> int:
         url = f"http://127.0.0.1:{port}"
         log = runs / f"{name}.log"
         proc = subprocess.Popen(server_command(name, a, model, adapters, port, venvs), cwd=runs,
-                                env=server_env(a, name == "swift"), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                                env=server_env(a, name == "swift"), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: `swift deploy` re-launches Python
         try:
             t0 = time.time()
             wait_ready(url, proc, log)
@@ -364,11 +381,7 @@ def main(argv=None) -> int:
         except RuntimeError as e:
             print(f"[bench] {name}: failed: {e}", flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_group(proc)
     text = report(results, rounds)
     print("\n" + text, flush=True)
     (runs / "results.json").write_text(json.dumps({n: {c: {k: v for k, v in r.items() if k != "answers"}

@@ -362,6 +362,9 @@ def test_cli_mistakes_get_one_line_and_status_2(capsys, monkeypatch, tmp_path):
         err = capsys.readouterr().err.strip().splitlines()
         message = str(e.value.code) if isinstance(e.value.code, str) else err[-1]
         assert needle in message, (argv, message)
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--help"])
+    assert e.value.code == 0 and "--max_loaded_adapters" in capsys.readouterr().out
     called = []
     monkeypatch.setitem(sys.modules, "vltune.recipes.serve_policy", types.SimpleNamespace(main=called.append))
     serve.main(["policy", "--port", "9"])
