@@ -144,7 +144,7 @@ def server_command(name: str, a, model: str, adapters: Path, port: int, venvs: P
                 json.dumps({"model": model, "adapters": str(adapters), "port": port, "device": a.device})]
     pairs = [f"user_{u}={adapters / 'adapters' / f'user_{u}'}" for u in range(a.users)]
     return [str(venvs / "swift" / "bin" / "swift"), "deploy", "--model", model, "--model_type", "qwen2_5_vl",
-            "--template", "qwen2_5_vl", "--check_model", "false", "--use_hf", "true", "--infer_backend",
+            "--template", "qwen2_5_vl", "--use_hf", "true", "--infer_backend",
             "transformers", "--adapters", *pairs, "--port", str(port), "--host", "127.0.0.1",
             "--max_new_tokens", str(a.max_tokens), "--torch_dtype", "float32", "--verbose", "false"]
 
@@ -200,7 +200,7 @@ def naive_server(spec: dict) -> None:
 
     from vltune.config import ModelArguments
     from vltune.models.adapters import UserAdapters, load_global
-    from vltune.recipes.infer import InferArguments, _answer_per_user, generation_kwargs
+    from vltune.recipes.infer import InferArguments, answer_samples, generation_kwargs
     from vltune.serve.options import ServeArguments
     from vltune.serve.protocol import image_urls, load_checked_image, parse_request, to_sample
 
@@ -208,15 +208,13 @@ def naive_server(spec: dict) -> None:
     model, processor, _ = load_global(model_args, spec["model"])
     bank = UserAdapters(model, spec["adapters"])
     opts, lock, app = ServeArguments(), threading.Lock(), FastAPI()
-    tok = processor.tokenizer
 
     def answer(req):
         images = [load_checked_image(u, p, opts) for u, p in image_urls(req)]
         sample = to_sample(req, images)
-        sample.extra["user"] = int(req.model.split("_")[1])
         args = InferArguments(max_new_tokens=req.max_tokens, batch_size=1)
-        with lock:
-            (_, text, error), = _answer_per_user(bank, processor, [sample], args, generation_kwargs(args))
+        with lock, bank.use(int(req.model.split("_")[1])) as model:  # infer's per-user path: switch, generate
+            (_, text, error), = answer_samples(model, processor, [sample], args, generation_kwargs(args))
         return text, error
 
     @app.get("/v1/models")
@@ -229,8 +227,8 @@ def naive_server(spec: dict) -> None:
         text, error = await run_in_threadpool(answer, req)
         if error:
             return JSONResponse({"error": {"message": error}}, status_code=400)
-        n = len(tok(text, add_special_tokens=False)["input_ids"])
-        return {"object": "chat.completion", "model": req.model, "usage": {"completion_tokens": n},
+        # no usage: infer's path returns text only (re-tokenising it would not give the generated count)
+        return {"object": "chat.completion", "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
 
     uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning")
