@@ -296,7 +296,7 @@ def report(results: dict, rounds: list[tuple[int, int]]) -> str:
             if not r:
                 continue
             hist = ", ".join(f"{k}: {v}" for k, v in sorted(r.get("batches", {}).items(), key=lambda kv: int(kv[0])))
-            lines.append(f"| {name} | {clients} | {r['requests']} | {fmt(r['req_s'], '.2f')} | {fmt(r['tok_s'])} | "
+            lines.append(f"| {name} | {clients} | {r['requests']} | {fmt(r['req_s'], '.2f')} | {fmt(r['tok_s'] or None)} | "
                          f"{fmt(r['p50_ms'], '.0f')} | {fmt(r['p95_ms'], '.0f')} | {fmt(r['p99_ms'], '.0f')} | "
                          f"{r['errors']} | {hist or '-'} |")
     out = ["\n".join(lines)]
