@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vltune.config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
 
 GROUPS = (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vltune.config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
 from vltune.distributed import DEBUG_DIST_ENV, DEEPSPEED_PRESETS, deepspeed_config, resolve_deepspeed
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None

@@ -131,7 +131,7 @@ def test_broken_setup_gets_the_preflight_error(tiny_path, processor_for, calvin_
     """Reentrant checkpointing over frozen embeddings without the input-grad hook: LoRA gets no gradient."""
     from transformers import AutoModelForImageTextToText
 
-    from vltune.config import TunerArguments
+    from vltune.args import TunerArguments
     from vltune.models.preflight import GradientFlowError, check_gradient_flow
     from vltune.models.tuners import apply_tuner
     from vltune.vla.config import PolicyConfig

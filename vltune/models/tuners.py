@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 
-from ..config import TunerArguments
+from .config import TunerArguments
 from .families import PARTS, part_of
 
 logger = logging.getLogger("vltune")

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ModelArguments, parse_args
+from ..args import ModelArguments, parse_args
 from ..console import setup_logging
 
 logger = logging.getLogger("vltune")
@@ -151,7 +151,7 @@ def synth(argv: list[str]) -> int:
     family = FAMILIES[args.model_family]
     processor = None
     if family.coords == "abs_resized":
-        from ..config import ModelArguments
+        from ..args import ModelArguments
         from ..models.load import load_processor, resolve_model_path
 
         path = resolve_model_path(ModelArguments(model=args.model, model_family=args.model_family))

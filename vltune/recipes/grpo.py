@@ -34,7 +34,7 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig
 
-from ..config import DataArguments, ModelArguments, TunerArguments, dump_config, parse_args
+from ..args import DataArguments, ModelArguments, TunerArguments, dump_config, parse_args
 from ..console import TeeLog, is_main_process, setup_logging
 from ..data.dataset import DataReport, LengthEstimator
 from ..data.errors import DataError
@@ -260,7 +260,7 @@ def heldout_reward(model, processor, rows: list[PromptRow], reward_funcs: list, 
     """Mean weighted reward on held-out prompts (None = reward n/a, as in TRL's nansum): of `generations` answers
     sampled per prompt at `temperature` (seeded, so before/after see the same random stream), or of one greedy
     answer per prompt when generations == 0."""
-    from ..eval.grounding import generate_answers
+    from ..generation import generate_answers
 
     gen = {}
     if generations > 0:
@@ -535,7 +535,7 @@ def grpo(config: str | None = None, **kwargs) -> GRPOResult:
     config file, e.g. `grpo(train_type="lora", lora_rank=8, num_iterations=20, reward_funcs=["click"])`."""
     merged = {}
     if config:
-        from ..config import load_config_file
+        from ..args import load_config_file
 
         merged.update(load_config_file(config))
     merged.update(kwargs)

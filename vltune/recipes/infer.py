@@ -30,7 +30,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from ..config import ModelArguments, parse_args
+from ..args import ModelArguments, parse_args
 from ..console import setup_logging
 
 logger = logging.getLogger("vltune")
@@ -97,19 +97,12 @@ def prompt_sample(args: InferArguments):
     return normalize_row({"messages": messages, "images": list(args.image)}, where="--prompt")
 
 
-def _text_of(message: dict) -> str:
-    return "".join(p["text"] if p["type"] == "text" else "<image>" for p in message["content"])
-
-
 def prediction_record(sample, answer: str | None = None, error: str | None = None) -> dict:
     """One line of batch output: where, prompt (last user turn, <image> tags kept), images, answer, reference."""
-    messages = sample.messages
-    reference = _text_of(messages[-1]) if messages and messages[-1]["role"] == "assistant" else None
-    users = [m for m in (messages[:-1] if reference is not None else messages) if m["role"] == "user"]
-    record = {"where": sample.where, "prompt": _text_of(users[-1]) if users else "",
+    record = {"where": sample.where, "prompt": sample.instruction(image_tag="<image>"),
               "images": [r if isinstance(r, str) and not r.startswith("data:") else "<inline>" for r in sample.images]}
     record.update({"error": error} if error is not None else {"answer": answer})
-    record["reference"] = reference
+    record["reference"] = sample.final_answer
     return record
 
 
@@ -117,7 +110,7 @@ def answer_samples(model, processor, samples: list, args: InferArguments, gen: d
     """Yield (sample, answer, error) in order, a batch at a time; a failing batch is retried sample by sample
     so one bad image costs one answer, not the batch."""
     from ..data.errors import DataError
-    from ..eval.grounding import generate_answers
+    from ..generation import generate_answers
 
     for i in range(0, len(samples), args.batch_size):
         runnable = []
@@ -137,18 +130,6 @@ def answer_samples(model, processor, samples: list, args: InferArguments, gen: d
                     yield s, generate_answers(model, processor, [s], batch_size=1, **gen)[0], None
                 except DataError as e:
                     yield s, None, e.message
-
-
-def _answer_per_user(bank, processor, samples: list, args: InferArguments, gen: dict):
-    """answer_samples, user by user with that user's adapter active; yields in the data set's order."""
-    from ..models.adapters import indices_by_user
-
-    results: list = [None] * len(samples)
-    for user, idx in indices_by_user(samples).items():
-        with bank.use(None if user is None else int(user)) as model:
-            for i, got in zip(idx, answer_samples(model, processor, [samples[i] for i in idx], args, gen)):
-                results[i] = got
-    yield from results
 
 
 def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
@@ -174,13 +155,15 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
     if args.user is not None and not args.per_user_adapters:
         raise SystemExit("vltune infer: --user picks an adapter of --per_user_adapters; give that too")
     if args.per_user_adapters:
+        from ..generation import answers_per_user
         from ..models.adapters import UserAdapters, load_global
 
         model, processor, _ = load_global(model_args, args.adapters or model_args.model)
         bank = UserAdapters(model, args.per_user_adapters)
         if args.prompt:
             samples[0].extra["user"] = args.user
-        answered = _answer_per_user(bank, processor, samples, args, gen)
+        answered = answers_per_user(samples, lambda user: bank.use(None if user is None else int(user)),
+                                    lambda model, part, user: answer_samples(model, processor, part, args, gen))
     else:
         model, processor, _ = load_for_inference(model_args, args.adapters)
         answered = answer_samples(model, processor, samples, args, gen)

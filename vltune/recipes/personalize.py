@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
+from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
 from ..console import setup_logging
 
 logger = logging.getLogger("vltune")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
+from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
 from ..console import TeeLog, is_main_process, setup_logging
 from ..data.dataset import DataReport, SFTCollator, SFTDataset, validate_samples
 from ..data.errors import DataError

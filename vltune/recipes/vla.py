@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..config import ModelArguments, TunerArguments, dump_config, parse_args
+from ..args import ModelArguments, TunerArguments, dump_config, parse_args
 from ..console import TeeLog, is_main_process, setup_logging
 from ..data.splits import split_holdout
 from ..models.preflight import check_gradient_flow

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.template import padded_on
+from ..padding import padded_on
 from .config import PolicyConfig
 from .heads import build_head
 from .normalize import Normalizer, load_normalizers, save_normalizers
