@@ -1,5 +1,5 @@
 """Multi-process training on CPU (gloo): real data parallelism with torchrun, accelerate launch and DeepSpeed
-ZeRO-2, checked through the per-rank dumps of `vltune.distributed.DistributedDebugCallback`; the `--deepspeed`
+ZeRO-2, checked through the per-rank dumps of `vltune.train.debug.DistributedDebugCallback`; the `--deepspeed`
 presets; and `vltune export --deepspeed_to_fp32` on the ZeRO checkpoint such a run writes."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
-from vltune.distributed import DEBUG_DIST_ENV, DEEPSPEED_PRESETS, deepspeed_config, resolve_deepspeed
+from vltune.distributed import DEEPSPEED_PRESETS, deepspeed_config, resolve_deepspeed
+from vltune.train.debug import DEBUG_DIST_ENV
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed "

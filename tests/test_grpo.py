@@ -172,7 +172,7 @@ def test_a_broken_reward_stops_training_naming_reward_and_batch(tmp_path, plugin
 
 def test_prompts_come_from_every_sft_format(tmp_path, processor_for):
     from vltune.data.formats import read_dataset
-    from vltune.recipes.grpo import prompt_rows, rows_to_dataset
+    from vltune.train.grpo_prompts import prompt_rows, rows_to_dataset
 
     from .conftest import write_image
 

@@ -58,15 +58,16 @@ class DataArguments:
     num_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
 
 
-def _default_output_dir() -> str:
-    return "output/sft"
+def default_output_dir(command: str):
+    """The default_factory of every command's --output_dir: `output/<command>`."""
+    return lambda: f"output/{command}"
 
 
 @dataclass
 class SFTTrainingArguments(TrainingArguments):
     """HF TrainingArguments with defaults for VLM fine-tuning (ms-swift-like)."""
 
-    output_dir: str | None = field(default_factory=_default_output_dir, metadata={"help": "Where to write everything."})
+    output_dir: str | None = field(default_factory=default_output_dir("sft"), metadata={"help": "Where to write everything."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (1e-4 suits LoRA; ~1e-5 full)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Samples per device per step."})
@@ -162,6 +163,38 @@ def normalize_argv(argv: list[str], known: set[str] | None = None) -> list[str]:
     return out
 
 
+def renamed_from(*old_names: str) -> dict:
+    """Field metadata for a renamed argument: `field(..., metadata={"help": ..., **renamed_from("old")})`. The old
+    spelling keeps working, on the command line, in config files and as a Python keyword, with a one-line notice."""
+    return {"old_names": old_names}
+
+
+def _deprecation(prog: str, old: str, new: str) -> None:
+    print(f"{prog}: --{old} is deprecated; use --{new} (same meaning)", file=sys.stderr)
+
+
+def rename_flags(argv: list[str], renamed: dict[str, str], prog: str) -> list[str]:
+    """`--old value` / `--old=value` -> `--new ...` for this command's renamed arguments."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in renamed:
+            _deprecation(prog, name, renamed[name])
+            arg = f"--{renamed[name]}" + (f"={value}" if eq else "")
+        out.append(arg)
+    return out
+
+
+def rename_keys(cfg: dict, renamed: dict[str, str], prog: str) -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if key in renamed:
+            _deprecation(prog, key, renamed[key])
+            key = renamed[key]
+        out[key] = value
+    return out
+
+
 def merge_repeated_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
     """`--dataset a --dataset b` -> `--dataset a b`: argparse would silently keep only the last one."""
     merged: dict[str, list[str]] = {}
@@ -210,8 +243,9 @@ def load_config_file(path: str, known: set[str] | None = None) -> dict:
 
 # ---------------------------------------------------------------- parsing
 def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str = "vltune",
-               description: str | None = None) -> tuple:
-    """Parse `--config file` + command line into the given dataclasses (command line wins).
+               description: str | None = None, values: dict | None = None) -> tuple:
+    """Parse `--config file`, then `values` (a Python API's keywords, same names and aliases), then the command
+    line into the given dataclasses (each later source wins).
 
     Hardware-dependent defaults (bf16/fp16, use_cpu) are set from the machine unless given.
     """
@@ -220,13 +254,21 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     parser.add_argument("--config", type=str, default=None, help="A YAML or JSON file of arguments; "
                         "command-line arguments override it.")
     known = {f.name for t in dataclass_types for f in fields(t)}
+    renamed = {old: f.name for t in dataclass_types for f in fields(t) for old in f.metadata.get("old_names", ())}
+    argv = rename_flags(argv, renamed, prog)
     list_flags = tuple(a.dest for a in parser._actions if a.nargs in ("+", "*"))
     argv = merge_repeated_flags(normalize_argv(argv, known), list_flags)
     pre, _ = parser.parse_known_args(argv)  # only to find --config / --device / --torch_dtype early
-    cfg = load_config_file(pre.config, known) if pre.config else {}
+    cfg = rename_keys(load_config_file(pre.config, known | set(renamed)), renamed, prog) if pre.config else {}
     unknown = sorted(set(cfg) - known - {"config"})
     if unknown:
         raise SystemExit(f"{prog}: unknown key(s) in {pre.config}: {', '.join(unknown)}")
+    if values:
+        given = apply_aliases(rename_keys(dict(values), renamed, prog), known)
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise SystemExit(f"{prog}: unknown argument name(s): {', '.join(unknown)}")
+        cfg.update(given)
 
     defaults = dict(cfg)
     device = detect_device(str(cfg.get("device", getattr(pre, "device", "auto"))))

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class ModelArguments:
+class BaseModelArguments:
+    """Every model field but trust_remote_code: for commands whose trainer config has that flag already (TRL's
+    GRPOConfig), so one flag fills both."""
+
     model: str | None = field(default=None, metadata={
         "help": "Hub id or local directory of the model to fine-tune (loaded with from_pretrained). "
                 "Default: the embedded tiny model of --model_family, built locally (offline)."})
@@ -30,6 +33,12 @@ class ModelArguments:
         "help": "Upper bound on pixels per image after resizing (the main memory knob for VLMs; e.g. 1003520 = "
                 "1280*28*28). Keep it equal at training and inference, or clicks drift."})
     min_pixels: int | None = field(default=None, metadata={"help": "Lower bound on pixels per image."})
+
+
+@dataclass
+class ModelArguments(BaseModelArguments):
+    """Which model to load and how."""
+
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the checkpoint."})
 
 
@@ -50,5 +59,7 @@ class TunerArguments:
     freeze_llm: bool = field(default=False, metadata={"help": "Freeze the language model."})
     quant_bits: int = field(default=4, metadata={"help": "Bits of the quantised base for qlora (4)."})
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4 for qlora."})
-    adapters: str | None = field(default=None, metadata={
-        "help": "An existing PEFT adapter directory to continue training from (LoRA only)."})
+    init_adapter: str | None = field(default=None, metadata={
+        "help": "An existing PEFT adapter directory to continue training from (LoRA only; the adapter's weights, "
+                "not the optimizer state: that is --resume_from_checkpoint). Was --adapters, which elsewhere "
+                "names the adapter to apply.", "old_names": ("adapters",)})

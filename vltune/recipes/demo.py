@@ -61,7 +61,7 @@ def run_demo(d: DemoArguments) -> dict:
     from ..models.load import load_model, load_processor
     from ..models.tiny import tiny_model_path, vision_cell_pixels
     from transformers import AutoConfig
-    from .sft import run_sft
+    from ..train.sft import run_sft
 
     setup_logging()
     if d.threads:

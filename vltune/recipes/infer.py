@@ -2,10 +2,10 @@
 
     vltune infer --model Qwen/Qwen3-VL-8B-Instruct --adapters out/global_lora --image screen.png \
         --prompt "Tap the settings icon"                       # prints the answer
-    vltune infer --adapters out/global_lora --dataset test.jsonl --output preds.jsonl --batch_size 16
+    vltune infer --adapters out/global_lora --dataset test.jsonl --result_path preds.jsonl --batch_size 16
     vltune infer --image a.png --image b.png --prompt "<image>before <image>after: what changed?"
     vltune infer --adapters output/sft --image board.png --prompt "Click the red circle"   # tiny model, offline
-    vltune infer --model out/global --per_user_adapters out/personal --dataset test.jsonl --output preds.jsonl
+    vltune infer --model out/global --per_user_adapters out/personal --dataset test.jsonl --result_path preds.jsonl
     vltune infer --model out/global --per_user_adapters out/personal --user 3 --image s.png --prompt "Open my music app"
 
 Greedy decoding unless --do_sample true (then --temperature / --top_p / --top_k apply); --num_beams > 1 for
@@ -30,7 +30,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from ..args import ModelArguments, parse_args
+from ..args import ModelArguments, parse_args, renamed_from
 from ..console import setup_logging
 
 logger = logging.getLogger("vltune")
@@ -53,8 +53,9 @@ class InferArguments:
     dataset: list[str] = field(default_factory=list, metadata={
         "help": "Batch mode: answer every sample of these data sets (same formats as training). Each sample's "
                 "final assistant turn, if any, is dropped from the prompt and written as the reference."})
-    output: str | None = field(default=None, metadata={
-        "help": "Batch mode: JSONL file for the predictions (default: print the lines)."})
+    result_path: str | None = field(default=None, metadata={
+        "help": "Batch mode: JSONL file for the predictions (default: print the lines). Was --output, which "
+                "elsewhere is --output_dir.", **renamed_from("output")})
     users: str | None = field(default=None, metadata={"help": "User ids of a per-user data set, e.g. '11-83'."})
     allow_pickle: bool = field(default=False, metadata={
         "help": "Allow reading per-user .pkl files (unpickling runs code from the file: only for data you trust)."})
@@ -169,7 +170,7 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
         answered = answer_samples(model, processor, samples, args, gen)
 
     records = []
-    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    out = open(args.result_path, "w", encoding="utf-8") if args.result_path else None
     try:
         for sample, answer, error in answered:
             record = prediction_record(sample, answer, error)
@@ -189,7 +190,7 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
     if args.dataset:
         failed = sum("error" in r for r in records)
         logger.info("[infer] %d answer(s)%s%s", len(records) - failed, f", {failed} failed" if failed else "",
-                    f" -> {args.output}" if args.output else "")
+                    f" -> {args.result_path}" if args.result_path else "")
     return records
 
 
