@@ -52,7 +52,7 @@ class DataArguments:
         "help": "Also train the newline the chat template writes after each trained end-of-turn token "
                 "(`<|im_end|>\\n`), as ms-swift, LLaMA-Factory and TRL do: their step losses then equal vltune's "
                 "on the same batches. Off by default: that token is never generated, and with it the brief "
-                "SFT -> GRPO run of tests/test_grpo.py lifted the held-out reward in 1 of 3 seeds instead of 3 of 3."})
+                "SFT -> GRPO run of tests/integration/test_grpo.py lifted the held-out reward in 1 of 3 seeds instead of 3 of 3."})
     strict: bool = field(default=False, metadata={
         "help": "Stop before training if any sample is invalid or over-long, instead of skipping and counting it."})
     num_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
@@ -163,12 +163,8 @@ def normalize_argv(argv: list[str], known: set[str] | None = None) -> list[str]:
     return out
 
 
-def renamed_from(*old_names: str) -> dict:
-    """Field metadata for a renamed argument: `field(..., metadata={"help": ..., **renamed_from("old")})`. The old
-    spelling keeps working, on the command line, in config files and as a Python keyword, with a one-line notice."""
-    return {"old_names": old_names}
-
-
+# An argument group renames a flag with a class attribute `renamed_flags = {"old": "new"}` (not a field): the old
+# spelling keeps working on the command line, in config files and as a Python keyword, with a one-line notice.
 def _deprecation(prog: str, old: str, new: str) -> None:
     print(f"{prog}: --{old} is deprecated; use --{new} (same meaning)", file=sys.stderr)
 
@@ -254,7 +250,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     parser.add_argument("--config", type=str, default=None, help="A YAML or JSON file of arguments; "
                         "command-line arguments override it.")
     known = {f.name for t in dataclass_types for f in fields(t)}
-    renamed = {old: f.name for t in dataclass_types for f in fields(t) for old in f.metadata.get("old_names", ())}
+    renamed = {old: new for t in dataclass_types for old, new in getattr(t, "renamed_flags", {}).items()}
     argv = rename_flags(argv, renamed, prog)
     list_flags = tuple(a.dest for a in parser._actions if a.nargs in ("+", "*"))
     argv = merge_repeated_flags(normalize_argv(argv, known), list_flags)

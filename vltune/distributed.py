@@ -22,7 +22,6 @@ import importlib.util
 import logging
 import os
 
-
 logger = logging.getLogger("vltune")
 
 # ---------------------------------------------------------------------------- DeepSpeed presets

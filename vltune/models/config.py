@@ -44,6 +44,8 @@ class ModelArguments(BaseModelArguments):
 
 @dataclass
 class TunerArguments:
+    renamed_flags = {"adapters": "init_adapter"}  # old spelling -> name (vltune/args.py prints a notice)
+
     train_type: str = field(default="lora", metadata={
         "help": "lora | qlora | full. lora: low-rank adapters on frozen weights (least memory per quality); "
                 "qlora: lora on a 4-bit (bitsandbytes nf4) base, least memory, slower; full: every unfrozen weight."})
@@ -62,4 +64,4 @@ class TunerArguments:
     init_adapter: str | None = field(default=None, metadata={
         "help": "An existing PEFT adapter directory to continue training from (LoRA only; the adapter's weights, "
                 "not the optimizer state: that is --resume_from_checkpoint). Was --adapters, which elsewhere "
-                "names the adapter to apply.", "old_names": ("adapters",)})
+                "names the adapter to apply."})

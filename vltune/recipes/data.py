@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..args import ModelArguments, parse_args, renamed_from
+from ..args import ModelArguments, parse_args
 from ..console import setup_logging
 
 logger = logging.getLogger("vltune")
@@ -84,13 +84,15 @@ def check(argv: list[str]) -> int:
 
 @dataclass
 class SynthGUIArguments:
+    renamed_flags = {"users": "num_users"}  # old spelling -> name (vltune/args.py prints a notice)
+
     out: str = field(default="data/gui", metadata={"help": "Output directory (JSONL, per-user pickles, images)."})
     preset: str | None = field(default=None, metadata={
         "help": "seeds_small: seeds/04's split (train users 11-83, test users 1-10) at 300 + 100 samples per user "
                 "(the defaults); smoke: 6 users, 20 samples each (tests). Flags given explicitly win."})
     num_users: int = field(default=83, metadata={
         "help": "Number of users, ids 1..N; those not in --test_users train. Was --users, which elsewhere selects "
-                "user ids.", **renamed_from("users")})
+                "user ids."})
     test_users: str = field(default="1-10", metadata={"help": "Held-out users (personalisation and evaluation)."})
     samples_per_user: int = field(default=300, metadata={
         "help": "Rows per user in train.jsonl (for test users: their own adaptation data)."})

@@ -30,7 +30,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from ..args import ModelArguments, parse_args, renamed_from
+from ..args import ModelArguments, parse_args
 from ..console import setup_logging
 
 logger = logging.getLogger("vltune")
@@ -38,6 +38,8 @@ logger = logging.getLogger("vltune")
 
 @dataclass
 class InferArguments:
+    renamed_flags = {"output": "result_path"}  # old spelling -> name (vltune/args.py prints a notice)
+
     adapters: str | None = field(default=None, metadata={
         "help": "A LoRA adapter directory (the --output_dir of `vltune sft --train_type lora`) applied on --model."})
     per_user_adapters: str | None = field(default=None, metadata={
@@ -55,7 +57,7 @@ class InferArguments:
                 "final assistant turn, if any, is dropped from the prompt and written as the reference."})
     result_path: str | None = field(default=None, metadata={
         "help": "Batch mode: JSONL file for the predictions (default: print the lines). Was --output, which "
-                "elsewhere is --output_dir.", **renamed_from("output")})
+                "elsewhere is --output_dir."})
     users: str | None = field(default=None, metadata={"help": "User ids of a per-user data set, e.g. '11-83'."})
     allow_pickle: bool = field(default=False, metadata={
         "help": "Allow reading per-user .pkl files (unpickling runs code from the file: only for data you trust)."})

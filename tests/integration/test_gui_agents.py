@@ -251,7 +251,7 @@ def test_gui_agents_example_personalised_beats_global_beats_zero_shot(tmp_path):
     """examples/gui_agents.sh end to end (~12 min on 2 quiet CPU cores): on the test users' held-out screens,
     personalised > global > zero-shot, and the gain comes from the habit instructions (measured: habit
     35.4% -> 46.6%, overall 61.4% -> 62.6%, zero-shot 0%; the overall margin is thin)."""
-    script = Path(__file__).parent.parent / "examples" / "gui_agents.sh"
+    script = Path(__file__).parents[2] / "examples" / "gui_agents.sh"
     proc = subprocess.run(["bash", str(script), str(tmp_path / "gui")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     setups = json.loads((tmp_path / "gui" / "eval" / "report.json").read_text())["setups"]

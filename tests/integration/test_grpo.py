@@ -13,7 +13,7 @@ import torch
 
 from vltune.recipes.grpo import grpo, main as grpo_main
 
-from .conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
@@ -174,7 +174,7 @@ def test_prompts_come_from_every_sft_format(tmp_path, processor_for):
     from vltune.data.formats import read_dataset
     from vltune.train.grpo_prompts import prompt_rows, rows_to_dataset
 
-    from .conftest import write_image
+    from tests.helpers import write_image
 
     write_image(tmp_path / "a.png")
     sharegpt = tmp_path / "sharegpt.json"

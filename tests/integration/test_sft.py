@@ -11,7 +11,7 @@ import torch
 from vltune.models.families import part_of
 from vltune.recipes.sft import main as sft_main
 
-from .conftest import FAMILIES
+from tests.helpers import FAMILIES
 
 
 def run(tmp, *extra, family="qwen3_vl", steps=4, dataset=None):

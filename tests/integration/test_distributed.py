@@ -115,6 +115,7 @@ def assert_data_parallel(proc, ranks: list[dict], out: Path, wrapper: str) -> No
     assert state["log_history"][-1]["epoch"] == pytest.approx(STEPS * 2 / 32)
 
 
+@pytest.mark.multiprocess
 def test_torchrun_two_processes_train_one_model_on_different_shards(tmp_path, tiny_path, grounding_jsonl):
     tiny_path("qwen3_vl")  # build the tiny model once, before two ranks race to build it
     proc, ranks = launch(["torchrun", "--standalone", "--nproc_per_node", "2"], tmp_path / "run", grounding_jsonl,
@@ -123,6 +124,7 @@ def test_torchrun_two_processes_train_one_model_on_different_shards(tmp_path, ti
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.multiprocess
 def test_accelerate_launch_two_processes(tmp_path, tiny_path, grounding_jsonl):
     tiny_path("qwen3_vl")
     # On a CPU-only machine accelerate needs --multi_gpu to start one process per rank through torch's
@@ -150,6 +152,7 @@ def zero2_run(request, tmp_path_factory, _tiny_cache):
     return request.param, proc, ranks, root / "run"
 
 
+@pytest.mark.multiprocess
 @needs_deepspeed
 def test_deepspeed_zero2_on_cpu(zero2_run):
     """DeepSpeed's CPU accelerator runs ZeRO-2 over gloo. The first run on a machine also JIT-compiles
@@ -159,6 +162,7 @@ def test_deepspeed_zero2_on_cpu(zero2_run):
     assert (out / f"checkpoint-{STEPS}" / "latest").read_text().strip() == f"global_step{STEPS}"
 
 
+@pytest.mark.multiprocess
 @needs_deepspeed
 def test_export_zero_checkpoint_to_fp32(zero2_run, tmp_path, tiny_path):
     """LoRA: the consolidated adapter equals the one the Trainer saved and loads with PeftModel.
