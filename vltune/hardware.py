@@ -1,6 +1,24 @@
-"""Device and dtype detection: what this machine can run (plain values in, torch objects out)."""
+"""What the machine offers a run: the device, the dtype it supports, and CPU threads for torch (plain values in,
+torch objects out)."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run the block with `n` torch CPU threads (None or 0: leave the setting alone), then put the old one back,
+    so a command called from Python (a notebook, a test) does not change the caller's process."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def detect_device(requested: str = "auto") -> str:
