@@ -72,7 +72,7 @@ def make_adapters(model_dir: str, out: Path, users: int) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from vltune.config import ModelArguments, TunerArguments
+    from vltune.models.config import ModelArguments, TunerArguments
     from vltune.models.load import load_model
     from vltune.models.tuners import lora_target_modules
 
@@ -198,7 +198,7 @@ def naive_server(spec: dict) -> None:
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
-    from vltune.config import ModelArguments
+    from vltune.models.config import ModelArguments
     from vltune.models.adapters import UserAdapters, load_global
     from vltune.recipes.infer import InferArguments, answer_samples, generation_kwargs
     from vltune.serve.options import ServeArguments

@@ -19,7 +19,7 @@ import importlib
 import logging
 import sys
 
-from ..config import ModelArguments, parse_args
+from ..args import ModelArguments, parse_args
 from ..console import setup_logging
 from ..serve.options import LOOPBACK, ServeArguments
 

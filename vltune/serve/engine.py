@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from ..eval.coords import from_model_coords, parse_click
-from ..eval.grounding import generate_answers
+from ..coords import from_model_coords, parse_click
+from ..generation import generate_answers
 
 
 @dataclass(eq=False)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import write_image, write_jsonl
+from tests.helpers import write_image, write_jsonl
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -68,7 +68,7 @@ def _random_user_adapters(root: Path, users=(1, 2, 3)) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from vltune.config import ModelArguments, TunerArguments
+    from vltune.models.config import ModelArguments, TunerArguments
     from vltune.models.load import load_model
     from vltune.models.tiny import tiny_model_path
     from vltune.models.tuners import lora_target_modules
@@ -308,7 +308,7 @@ def _server_in_this_process(**options):
 
     import uvicorn
 
-    from vltune.config import ModelArguments
+    from vltune.models.config import ModelArguments
     from vltune.serve.app import create_app, load_service
     from vltune.serve.options import ServeArguments
 
