@@ -19,6 +19,9 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .arg_checks import check_values
+from .errors import UsageError
+
 logger = logging.getLogger("vltune")
 
 
@@ -50,7 +53,7 @@ class ModelArguments:
 
 @dataclass
 class TunerArguments:
-    train_type: str = field(default="lora", metadata={
+    train_type: str = field(default="lora", metadata={"choices": ["lora", "qlora", "full"],
         "help": "lora | qlora | full. lora: low-rank adapters on frozen weights (least memory per quality); "
                 "qlora: lora on a 4-bit (bitsandbytes nf4) base, least memory, slower; full: every unfrozen weight."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r: higher = more capacity and memory."})
@@ -85,7 +88,7 @@ class DataArguments:
     max_length: int = field(default=2048, metadata={
         "help": "Maximum tokens per sample, image tokens included. Longer samples are dropped and counted, never "
                 "truncated (truncation through an image breaks the model's image/token alignment)."})
-    loss_scale: str = field(default="default", metadata={
+    loss_scale: str = field(default="default", metadata={"choices": ["default", "last_round"],
         "help": "default: train on every assistant turn; last_round: only the final assistant turn. A message "
                 "with \"loss\": false is never trained."})
     train_separator: bool = field(default=False, metadata={
@@ -228,7 +231,7 @@ def merge_repeated_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
 def load_config_file(path: str, known: set[str] | None = None) -> dict:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise UsageError(f"--config {path}: no such file; give a YAML or JSON file of arguments")
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() in (".yaml", ".yml"):
         import yaml
@@ -271,7 +274,7 @@ def resolve_dtype(requested: str, device: str):
     table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
              "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
     if requested not in table:
-        raise ValueError(f"--torch_dtype must be auto, bfloat16, float16 or float32, got {requested!r}")
+        raise UsageError(f"--torch_dtype must be auto, bfloat16, float16 or float32, got {requested!r}")
     return table[requested]
 
 
@@ -283,7 +286,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     Hardware-dependent defaults (bf16/fp16, use_cpu) are set from the machine unless given.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    parser = _Parser(dataclass_types, prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="A YAML or JSON file of arguments; "
                         "command-line arguments override it.")
     known = {f.name for t in dataclass_types for f in fields(t)}
@@ -315,11 +318,29 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     # HfArgumentParser appends a Namespace for the non-dataclass --config flag; callers want the dataclasses.
-    return tuple(p for p in parsed if not isinstance(p, type(pre)))
+    objs = tuple(p for p in parsed if not isinstance(p, type(pre)))
+    check_values(objs)  # flag values, before any data is read or weight loaded
+    return objs
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line (a `UsageError`), not the whole usage text; no abbreviations
+    (`--lora_ran 8` is an error, not `--lora_rank 8`), as ms-swift users expect."""
+
+    def error(self, message: str):
+        import difflib
+
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        typos = [w.split("=")[0] for w in message.split() if w.startswith("--") and w not in flags] \
+            if message.startswith("unrecogni") else []
+        close = [m for w in typos for m in difflib.get_close_matches(w, flags, n=1)]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(f"{message}{hint} (all arguments: {self.prog} --help)")
 
 
 def dump_config(objs: tuple, path: str | os.PathLike) -> None:
-    """Write the resolved arguments of every group to one JSON file (reloadable with --config)."""
+    """Write the resolved arguments of every group to one JSON file (reloadable with --config); the run's own
+    state (resume_from_checkpoint, logging_dir, ...) is left out."""
     merged: dict = {}
     for obj in objs:
         if isinstance(obj, TrainingArguments):
@@ -327,7 +348,9 @@ def dump_config(objs: tuple, path: str | os.PathLike) -> None:
         else:
             d = asdict(obj)
         merged.update(d)
-    clean = {k: v for k, v in merged.items() if _jsonable(v)}
+    from .resume import RUN_SPECIFIC
+
+    clean = {k: v for k, v in merged.items() if _jsonable(v) and k not in RUN_SPECIFIC}
     Path(path).write_text(json.dumps(clean, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 

@@ -42,7 +42,9 @@ from ..data.formats import Sample, read_dataset
 from ..data.images import image_size, load_image
 from ..data.splits import split_holdout
 from ..data.template import prompt_text
-from ..rewards.registry import RewardContext, build_reward_funcs, completion_text
+from ..errors import UsageError
+from ..resume import resume_checkpoint
+from ..rewards.registry import RewardContext, build_reward_funcs, completion_text, resolve_rewards
 
 logger = logging.getLogger("vltune")
 
@@ -239,7 +241,7 @@ def build_prompts(data: DataArguments, reward: RewardArguments, processor, seed:
     rows, report = prompt_rows(samples, processor, data.max_length, errors, reward.solution_column)
     report.log("train prompts")
     if report.skipped and data.strict:
-        raise DataError("invalid prompts in the training data (--strict true):\n  " + "\n  ".join(report.lines()))
+        raise report.strict_error("prompt")
     if not rows:
         raise DataError("no usable training prompt; see the report above")
     heldout: list[PromptRow] = []
@@ -357,7 +359,8 @@ class GRPORunLog(TrainerCallback):
                 logger.warning(
                     "[grpo] step %d: in every group all %d completions got the same reward, so every advantage is 0 "
                     "and loss/grad_norm are 0 (only the KL term acts): the model did not learn from this step. Not a "
-                    "bug; if it persists, raise --temperature or --num_generations, or use a reward with finer grades.",
+                    "bug; if it persists, raise --temperature or --num_generations, or use a reward with finer grades. If a "
+                    "reward of yours gives one value to everything, see its warning above: check what it receives.",
                     state.global_step, args.num_generations)
             if self.log_completions:
                 self._write_completions(state.global_step)
@@ -413,6 +416,11 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
         set_seed(args.seed)
         if is_main_process():
             dump_config((model_args, tuner, data, reward, args), out / "args.json")
+        resolved = resolve_rewards(reward.reward_funcs, reward.external_plugins)  # before any weight is loaded
+        weights = list(args.reward_weights) if args.reward_weights else [1.0] * len(resolved)
+        if len(weights) != len(resolved):
+            raise UsageError(f"--reward_weights has {len(weights)} values for {len(resolved)} --reward_funcs "
+                             f"({', '.join(reward.reward_funcs)}); give one weight per reward")
         path = resolve_model_path(model_args)
         processor = load_processor(path, model_args.max_pixels, model_args.min_pixels, model_args.trust_remote_code)
         family = family_for_model_type(AutoConfig.from_pretrained(path).model_type)
@@ -422,11 +430,7 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
         train_ds = rows_to_dataset(rows)
         ctx = RewardContext(args=reward, processor=processor, coords=family.coords, output_dir=str(out),
                             extra={"device": str(args.device), "seed": args.seed})
-        reward_funcs = build_reward_funcs(reward.reward_funcs, ctx, reward.external_plugins)
-        weights = list(args.reward_weights) if args.reward_weights else [1.0] * len(reward_funcs)
-        if len(weights) != len(reward_funcs):
-            raise ValueError(f"--reward_weights has {len(weights)} values for {len(reward_funcs)} --reward_funcs "
-                             f"({', '.join(reward.reward_funcs)}); give one weight per reward")
+        reward_funcs = build_reward_funcs(reward.reward_funcs, ctx, resolved=resolved)
         model = build_model(model_args, tuner, args, path)
 
         # Preflight on one prompt + its reference answer (or a stand-in): gradients must reach every trained part.
@@ -461,7 +465,7 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
                     "beta %g, loss %s", groups, args.num_generations, groups, args.max_steps if args.max_steps > 0
                     else "epoch-based", args.updates_per_batch, args.beta, args.loss_type)
         t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint))
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume_from_checkpoint, str(out)))
         train_seconds = time.time() - t0
         metrics = dict(result.metrics)
 
@@ -479,11 +483,6 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
             final = _write_outputs(out, trainer, run_log, metrics, report, before, after, train_seconds, tuner, path)
         return GRPOResult(str(out), metrics, final, trainer.model, processor)
 
-
-def _resume_arg(value):
-    if value in (None, "", "false", "False"):
-        return None
-    return True if value in ("true", "True", True) else value
 
 
 def _write_outputs(out: Path, trainer, run_log: GRPORunLog, metrics: dict, report: DataReport, before, after,

@@ -31,6 +31,7 @@ from ..models.families import family_for_model_type
 from ..models.load import load_model, load_processor, resolve_model_path
 from ..models.preflight import check_gradient_flow
 from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
+from ..resume import resume_checkpoint
 
 logger = logging.getLogger("vltune")
 ARG_GROUPS = (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments)
@@ -66,7 +67,7 @@ def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, c
     kept, lengths, report = validate_samples(samples, processor, data.max_length, data.loss_scale, read_errors)
     report.log("train")
     if report.skipped and data.strict:
-        raise DataError("invalid samples in the training data (--strict true):\n  " + "\n  ".join(report.lines()))
+        raise report.strict_error("sample")
     if not kept:
         raise DataError("no usable training sample; see the report above")
     eval_ds = None
@@ -107,11 +108,6 @@ def accepts_logits_to_keep(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
-
-def _resume_arg(value):
-    if value in (None, "", "false", "False"):
-        return None
-    return True if value in ("true", "True", True) else value
 
 
 # ---------------------------------------------------------------------------- recipe
@@ -162,7 +158,7 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=collator, processing_class=processor, callbacks=callbacks)
         attach_debug_callback(trainer)  # per-rank dump when $VLTUNE_DEBUG_DIST_DIR is set (vltune/distributed.py)
-        result = trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint))
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume_from_checkpoint, str(out)))
         metrics = dict(result.metrics)
         if eval_ds is not None:
             metrics.update(trainer.evaluate())

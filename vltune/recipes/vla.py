@@ -38,6 +38,7 @@ from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_s
 from ..vla.config import PolicyArguments, PolicyConfig, VLADataArguments, VLATrainingArguments, parse_index_list
 from ..vla.data.episodes import Episode
 from ..vla.normalize import Normalizer, compute_stats
+from ..resume import resume_checkpoint
 
 logger = logging.getLogger("vltune")
 
@@ -51,7 +52,7 @@ class VLAModelArguments(ModelArguments):
 
 @dataclass
 class VLATunerArguments(TunerArguments):
-    train_type: str = field(default="full", metadata={
+    train_type: str = field(default="full", metadata={"choices": ["lora", "full", "frozen"],
         "help": "lora | full | frozen. full: train the backbone (RoboVLMs' full-ft); lora: adapters on the "
                 "unfrozen parts; frozen: backbone fixed, only the head (+ state encoder) trains. The head always "
                 "trains."})
@@ -330,7 +331,7 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
         if eval_ds is not None:
             trainer.get_eval_dataloader = _eval_loader(trainer, eval_ds, eval_collator)
         t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume_from_checkpoint, args.output_dir))
         metrics = dict(result.metrics)
         metrics["train_wall_seconds"] = round(time.time() - t0, 1)
         if eval_ds is not None:
