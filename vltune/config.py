@@ -94,8 +94,8 @@ class DataArguments:
     train_separator: bool = field(default=False, metadata={
         "help": "Also train the newline the chat template writes after each trained end-of-turn token "
                 "(`<|im_end|>\\n`), as ms-swift, LLaMA-Factory and TRL do: their step losses then equal vltune's "
-                "on the same batches. Off by default: that token is never generated, and with it the brief "
-                "SFT -> GRPO run of tests/test_grpo.py lifted the held-out reward in 1 of 3 seeds instead of 3 of 3."})
+                "on the same batches. Off by default: that token is never generated (the README says what it "
+                "measured)."})
     strict: bool = field(default=False, metadata={
         "help": "Stop before training if any sample is invalid or over-long, instead of skipping and counting it."})
     num_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
@@ -114,7 +114,7 @@ class SFTTrainingArguments(TrainingArguments):
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Samples per device per step."})
     gradient_checkpointing: bool | None = field(default=True, metadata={
-        "help": "Recompute activations in backward: much less memory, ~30% slower. Non-reentrant by default."})
+        "help": "Recompute activations in backward: much less memory, somewhat slower. Non-reentrant by default."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=500, metadata={"help": "Save a checkpoint-N every N steps."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
@@ -335,7 +335,7 @@ class _Parser(HfArgumentParser):
             if message.startswith("unrecogni") else []
         close = [m for w in typos for m in difflib.get_close_matches(w, flags, n=1)]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"{message}{hint} (all arguments: {self.prog} --help)")
+        raise UsageError(f"{self.prog}: {message}{hint} (all arguments: {self.prog} --help)")
 
 
 def dump_config(objs: tuple, path: str | os.PathLike) -> None:
