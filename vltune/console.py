@@ -13,13 +13,25 @@ logger = logging.getLogger("vltune")
 def setup_logging(level: int = logging.INFO) -> None:
     if getattr(setup_logging, "_done", False):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(level if is_main_process() else logging.WARNING)
     logger.propagate = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     setup_logging._done = True  # type: ignore[attr-defined]
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is now (TeeLog's tee, a test's capture), never to a stream it kept."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def is_main_process() -> bool:
@@ -71,18 +83,12 @@ class TeeLog:
         self.file = open(self.path, "a", encoding="utf-8")
         self.saved = (sys.stdout, sys.stderr)
         sys.stdout = _Tee(sys.stdout, self.file)
-        sys.stderr = _Tee(sys.stderr, self.file)
-        for h in logger.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setStream(sys.stderr)
+        sys.stderr = _Tee(sys.stderr, self.file)  # the vltune logger's handler follows sys.stderr
         return self
 
     def __exit__(self, *exc):
         if not is_main_process():
             return False
         sys.stdout, sys.stderr = self.saved
-        for h in logger.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setStream(sys.stderr)
         self.file.close()
         return False
