@@ -152,3 +152,37 @@ def test_console_script_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vltune", "sft", "--lora_rank", "0"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--lora_rank 0" in r.stderr, r.stderr
+
+
+def test_args_json_carries_no_run_state_and_resume_is_logged(tmp_path, capsys):
+    """args.json is reusable with --config: a run from it starts fresh (no resume_from_checkpoint, no old
+    logging_dir); a run that does resume says from where."""
+    import logging
+
+    from vltune.config import SFTTrainingArguments, dump_config
+    from vltune.resume import resume_checkpoint
+
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    args = SFTTrainingArguments(output_dir=str(tmp_path / "run"), resume_from_checkpoint=str(ckpt), use_cpu=True)
+    dump_config((args,), tmp_path / "args.json")
+    saved = json.loads((tmp_path / "args.json").read_text())
+    assert "resume_from_checkpoint" not in saved and "logging_dir" not in saved
+    assert saved["output_dir"] == str(tmp_path / "run")  # the arguments themselves are kept
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("vltune")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        assert resume_checkpoint("true", str(tmp_path / "run")) == str(ckpt)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert any(str(ckpt) in r.getMessage() and "global step 3" in r.getMessage() for r in records)
+    with pytest.raises(UsageError, match="no checkpoint-N directory"):
+        resume_checkpoint(True, str(tmp_path / "empty"))

@@ -1,7 +1,7 @@
 """vltune sft: supervised fine-tuning of a vision-language model.
 
     vltune sft --model Qwen/Qwen3-VL-8B-Instruct --dataset data.jsonl --train_type lora --output_dir out
-    vltune sft --config examples/gui_agent_global_lora.yaml --learning_rate 2e-5
+    vltune sft --config examples/gui_agent_global_lora.yaml --dataset data/gui/train --learning_rate 2e-5
     torchrun --nproc_per_node 2 -m vltune sft ...            # DDP (accelerate launch works too)
     vltune sft --train_type lora --max_steps 5               # offline: embedded tiny model + demo data
 

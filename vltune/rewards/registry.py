@@ -219,9 +219,9 @@ def checked(name: str, fn: Callable, style: str) -> Callable:
         if not warned and not _is_builtin(fn) and len(out) > 1 and len({v for v in out if v is not None}) == 1:
             warned.append(True)
             logger.warning(
-                "[rewards] reward %r gave every one of the %d completions of the %s the same value %g: if that is not "
-                "intended, check what it receives. Completion 0 exactly as the reward received it: %r. %s",
-                name, len(out), _describe_batch(prompts, kwargs), next(v for v in out if v is not None),
+                "[rewards] reward %r gave the same value %g to all %d completions (%s): if that is not intended, "
+                "check what it receives. Completion 0 exactly as the reward received it: %r. %s",
+                name, next(v for v in out if v is not None), len(out), _describe_batch(prompts, kwargs),
                 call_completions[0], RECEIVES[style])
         return out
 
