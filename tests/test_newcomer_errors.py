@@ -52,18 +52,15 @@ def _one_line(capsys, argv, *needles, exactly_one=True):
     (["sft", "--train_type", "lorax"], ["--train_type", "lorax", "lora"]),
     (["sft", "--lora_rank", "-3"], ["--lora_rank -3", "positive"]),
     (["sft", "--lora_dropout", "1.5"], ["--lora_dropout 1.5"]),
-    (["sft", "--dataset", "/nonexistent.jsonl"], ["--dataset /nonexistent.jsonl", "no such file"]),
     (["sft", "--model", "/nonexistent/dir"], ["--model /nonexistent/dir", "no such directory", "network"]),
     (["sft", "--lora_ran", "8"], ["--lora_ran", "did you mean --lora_rank"]),
     (["sft", "--users", "1-3"], ["--users 1-3", "no --dataset"]),
     (["sft", "--loss_scale", "last"], ["--loss_scale", "last_round"]),
     (["sft", "--config", "/nonexistent.yaml"], ["--config /nonexistent.yaml", "no such file"]),
     (["sft", "--resume_from_checkpoint", "/nonexistent/checkpoint-3"], ["--resume_from_checkpoint", "no such"]),
-    (["vla", "--dataset", "data/nope"], ["--dataset data/nope", "no such file or directory"]),
     (["vla", "--train_type", "lorax"], ["--train_type", "frozen"]),
     (["grpo", "--external_plugins", "/nonexistent/my_rewards.py", "--reward_funcs", "mine"],
      ["--external_plugins /nonexistent/my_rewards.py", "no such file"]),
-    (["data", "check", "--dataset", "/nonexistent.jsonl"], ["--dataset /nonexistent.jsonl"]),
     (["data", "synth"], ["vltune data synth gui"]),
     (["infer", "--users", "x"], ["--users"]),
 ])
@@ -84,11 +81,27 @@ def test_unknown_reward_name_is_one_line_before_the_model(capsys, no_weights, tm
               "--reward_funcs clik", "click")
 
 
-def test_pickle_dir_without_allow_pickle(tmp_path, capsys, no_weights):
+@pytest.mark.parametrize("argv, needles", [
+    (["sft", "--dataset", "/nonexistent.jsonl"], ["/nonexistent.jsonl", "no such file", "--dataset"]),
+    (["data", "check", "--dataset", "/nonexistent.jsonl"], ["/nonexistent.jsonl", "no such file"]),
+    (["vla", "--dataset", "data/nope"], ["--dataset data/nope", "does not exist"]),
+])
+def test_missing_data_is_one_line_before_the_weights(argv, needles, capsys, tmp_path, monkeypatch):
+    """Data is read after the processor, before any weight: a missing path is one line."""
+    import vltune.models.load as load
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("weights loaded before the data was read"))
+    monkeypatch.setattr(vltune.recipes.vla, "build_backbone", lambda *a, **k: pytest.fail("backbone built first"))
+    _one_line(capsys, argv, *needles, exactly_one=False)
+
+
+def test_pickle_dir_without_allow_pickle(tmp_path, capsys):
     d = tmp_path / "users"
     d.mkdir()
     (d / "user_1.pkl").write_bytes(pickle.dumps([]))
-    _one_line(capsys, ["sft", "--dataset", str(d)], str(d), "--allow_pickle true")
+    _one_line(capsys, ["sft", "--dataset", str(d), "--output_dir", str(tmp_path / "o")], str(d),
+              "--allow_pickle true", exactly_one=False)
 
 
 def _user_rows(tmp_path, users):

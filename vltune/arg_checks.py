@@ -6,8 +6,9 @@ Checks go by field name, so they apply to every command that has the field:
 - a field whose metadata lists `choices` must hold one of them (also when the value came from --config);
 - numbers that must be positive (`lora_rank`, `lora_alpha`, `max_length`, ...) or in a range (`lora_dropout`);
 - `--users` / `--test_users` must parse as user ids ('11-83', '1,3,5-7');
-- `--model`, `--dataset`, `--val_dataset` given as local paths must exist (a hub id is left to from_pretrained),
-  and a per-user pickle directory needs `--allow_pickle true`.
+- `--model` given as a local path must exist (a hub id is left to from_pretrained).
+Data paths are checked where the data is read (`check_data_path`, before any weight is loaded): a config file
+may name data that a later step writes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ POSITIVE = ("lora_rank", "lora_alpha", "max_length", "num_samples", "max_new_tok
             "max_completion_length", "samples_per_user", "test_per_user")
 FRACTION = {"lora_dropout": (0.0, 1.0, "in [0, 1)")}
 USER_FIELDS = ("users", "test_users")
-PATH_FIELDS = ("dataset", "val_dataset")
 MODEL_FIELDS = ("model", "base", "zero_shot")
 USER_FILE = re.compile(r"user_(\d+)\.pkl$")
 
@@ -83,10 +83,6 @@ def check_values(objs: tuple) -> None:
             if f.name == "users" and isinstance(value, str) and value and "dataset" in values and not values["dataset"]:
                 raise UsageError(f"--users {value} selects users of a per-user data set, but no --dataset is given "
                                  f"(the default demo data has no users); give --dataset, or drop --users")
-            if f.name in PATH_FIELDS:
-                for spec in value if isinstance(value, (list, tuple)) else [value] if value else []:
-                    check_data_path(str(spec), f"--{f.name}", bool(values.get("allow_pickle")),
-                                    "allow_pickle" in values)
 
 
 def check_model_path(value: str, flag: str = "--model") -> None:

@@ -257,7 +257,7 @@ def iter_dataset(spec: str, users: str | None = None, allow_pickle: bool = False
     """Yield `Sample`s (and `DataError`s for records that could not be read) from `spec`."""
     path = Path(spec).expanduser()
     if not path.exists():
-        raise DataError("dataset path does not exist", str(path))
+        raise DataError("no such file or directory; check the --dataset path", str(path))
     fmt = detect_format(path)
     user_set = parse_users(users)
     if fmt == "user_pickles":
