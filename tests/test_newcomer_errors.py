@@ -54,7 +54,6 @@ def _one_line(capsys, argv, *needles, exactly_one=True):
     (["sft", "--lora_dropout", "1.5"], ["--lora_dropout 1.5"]),
     (["sft", "--model", "/nonexistent/dir"], ["--model /nonexistent/dir", "no such directory", "network"]),
     (["sft", "--lora_ran", "8"], ["--lora_ran", "did you mean --lora_rank"]),
-    (["sft", "--users", "1-3"], ["--users 1-3", "no --dataset"]),
     (["sft", "--loss_scale", "last"], ["--loss_scale", "last_round"]),
     (["sft", "--config", "/nonexistent.yaml"], ["--config /nonexistent.yaml", "no such file"]),
     (["sft", "--resume_from_checkpoint", "/nonexistent/checkpoint-3"], ["--resume_from_checkpoint", "no such"]),
@@ -83,7 +82,6 @@ def test_unknown_reward_name_is_one_line_before_the_model(capsys, no_weights, tm
 
 @pytest.mark.parametrize("argv, needles", [
     (["sft", "--dataset", "/nonexistent.jsonl"], ["/nonexistent.jsonl", "no such file", "--dataset"]),
-    (["data", "check", "--dataset", "/nonexistent.jsonl"], ["/nonexistent.jsonl", "no such file"]),
     (["vla", "--dataset", "data/nope"], ["--dataset data/nope", "does not exist"]),
 ])
 def test_missing_data_is_one_line_before_the_weights(argv, needles, capsys, tmp_path, monkeypatch):
@@ -117,6 +115,11 @@ def test_users_matching_no_user_say_which_exist(spec, tmp_path, capsys):
     line = _one_line(capsys, ["sft", "--dataset", data, "--users", spec, "--output_dir", str(tmp_path / "o")],
                      f"--users {spec}", "1-3,5-6", exactly_one=False)
     assert "matches no user" in line
+
+
+def test_users_without_a_dataset(tmp_path, capsys):
+    _one_line(capsys, ["sft", "--users", "1-3", "--output_dir", str(tmp_path / "o")], "--users 1-3", "no --dataset",
+              exactly_one=False)
 
 
 def test_users_on_data_without_a_user_column(tmp_path, capsys, grounding_jsonl):

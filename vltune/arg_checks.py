@@ -80,9 +80,6 @@ def check_values(objs: tuple) -> None:
                     "", "true", "false") and not os.path.isdir(os.path.expanduser(value)):
                 raise UsageError(f"--resume_from_checkpoint {value}: no such checkpoint directory; give a "
                                  f"checkpoint-N directory of an earlier run, or leave the flag out to start fresh")
-            if f.name == "users" and isinstance(value, str) and value and "dataset" in values and not values["dataset"]:
-                raise UsageError(f"--users {value} selects users of a per-user data set, but no --dataset is given "
-                                 f"(the default demo data has no users); give --dataset, or drop --users")
 
 
 def check_model_path(value: str, flag: str = "--model") -> None:
@@ -101,3 +98,10 @@ def check_data_path(spec: str, flag: str, allow_pickle: bool, has_pickle_flag: b
             USER_FILE.search(name) for name in os.listdir(path)):
         raise UsageError(f"{flag} {spec}: a per-user pickle directory; loading pickles runs code from the files, "
                          f"so pass --allow_pickle true if you trust them")
+
+
+def check_users_have_data(users: str | None) -> None:
+    """Called where a recipe falls back to the demo data (no --dataset): --users would then select nothing."""
+    if users:
+        raise UsageError(f"--users {users} selects users of a per-user data set, but no --dataset is given "
+                         f"(the default demo data has no users); give --dataset, or drop --users")

@@ -34,6 +34,7 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig
 
+from ..arg_checks import check_users_have_data
 from ..config import DataArguments, ModelArguments, TunerArguments, dump_config, parse_args
 from ..console import TeeLog, is_main_process, setup_logging
 from ..data.dataset import DataReport, LengthEstimator
@@ -229,6 +230,8 @@ def build_prompts(data: DataArguments, reward: RewardArguments, processor, seed:
     val_specs = list(data.val_dataset)
     if not specs:
         from ..data.synthetic import make_grounding_set
+
+        check_users_have_data(data.users)
 
         made = make_grounding_set(Path(output_dir) / "demo_data", n_train=256, n_test=32, seed=seed,
                                   convention=convention, processor=processor)

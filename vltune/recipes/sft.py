@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..arg_checks import check_users_have_data
 from ..config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
 from ..console import TeeLog, is_main_process, setup_logging
 from ..data.dataset import DataReport, SFTCollator, SFTDataset, validate_samples
@@ -55,6 +56,8 @@ def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, c
         read_errors: list = []
     elif not specs:
         from ..data.synthetic import make_grounding_set
+
+        check_users_have_data(data.users)
 
         made = make_grounding_set(Path(output_dir) / "demo_data", n_train=512, n_test=64, seed=seed,
                                   convention=convention, processor=processor)
