@@ -1,201 +1,21 @@
 """vltune sft: supervised fine-tuning of a vision-language model.
 
     vltune sft --model Qwen/Qwen3-VL-8B-Instruct --dataset data.jsonl --train_type lora --output_dir out
-    vltune sft --config examples/gui_agent_global_lora.yaml --dataset data/gui/train --learning_rate 2e-5
+    vltune sft --config examples/gui_agent_global_lora.yaml --learning_rate 2e-5
     torchrun --nproc_per_node 2 -m vltune sft ...            # DDP (accelerate launch works too)
     vltune sft --train_type lora --max_steps 5               # offline: embedded tiny model + demo data
 
-Top to bottom: arguments -> processor -> data (validated, never truncated) ->
-model + tuner -> gradient-flow preflight -> HF Trainer -> save adapter/weights,
-processor, logs and plots.
+Top to bottom: arguments -> `vltune.train.sft.run_sft` (run directory -> processor -> data, validated and
+never truncated -> model + tuner -> gradient-flow preflight -> HF Trainer -> adapter/weights, processor, logs
+and plots).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-from dataclasses import dataclass
-from pathlib import Path
+from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from ..train.sft import SFTResult, run_sft
 
-import torch
-
-from ..arg_checks import check_users_have_data
-from ..config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
-from ..console import TeeLog, is_main_process, setup_logging
-from ..data.dataset import DataReport, SFTCollator, SFTDataset, validate_samples
-from ..data.errors import DataError
-from ..data.formats import read_dataset
-from ..data.splits import split_holdout
-from ..distributed import attach_debug_callback
-from ..models.families import family_for_model_type
-from ..models.load import load_model, load_processor, resolve_model_path
-from ..models.preflight import check_gradient_flow
-from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
-from ..resume import resume_checkpoint
-
-logger = logging.getLogger("vltune")
 ARG_GROUPS = (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments)
-
-
-@dataclass
-class SFTResult:
-    output_dir: str
-    metrics: dict
-    data_report: DataReport
-    model: torch.nn.Module
-    processor: object
-
-
-# ---------------------------------------------------------------------------- data
-def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, convention: str,
-                   samples: list | None = None):
-    """Read (unless `samples` are given), validate and split the data; return (train, eval or None, report)."""
-    specs = list(data.dataset)
-    if samples is not None:
-        read_errors: list = []
-    elif not specs:
-        from ..data.synthetic import make_grounding_set
-
-        check_users_have_data(data.users)
-
-        made = make_grounding_set(Path(output_dir) / "demo_data", n_train=512, n_test=64, seed=seed,
-                                  convention=convention, processor=processor)
-        specs = [made["train"]]
-        logger.info("[data] no --dataset given: using the demo's synthetic grounding set (%s)", made["train"])
-    if samples is None:
-        samples, read_errors = read_dataset(specs, users=data.users, allow_pickle=data.allow_pickle)
-    if data.num_samples:
-        samples = samples[: data.num_samples]
-    kept, lengths, report = validate_samples(samples, processor, data.max_length, data.loss_scale, read_errors)
-    report.log("train")
-    if report.skipped and data.strict:
-        raise report.strict_error("sample")
-    if not kept:
-        raise DataError("no usable training sample; see the report above")
-    eval_ds = None
-    if data.val_dataset:
-        vs, verr = read_dataset(data.val_dataset, users=None, allow_pickle=data.allow_pickle)
-        vkept, vlen, vrep = validate_samples(vs, processor, data.max_length, data.loss_scale, verr, desc="checking val")
-        vrep.log("validation")
-        eval_ds = SFTDataset(vkept, vlen) if vkept else None
-    elif data.split_dataset_ratio > 0:
-        pairs, held = split_holdout(list(zip(kept, lengths)), data.split_dataset_ratio, seed)
-        eval_ds = SFTDataset([s for s, _ in held])
-        kept, lengths = [s for s, _ in pairs], [n for _, n in pairs]
-    if lengths:
-        logger.info("[data] %d training samples, tokens per sample: mean %.0f, max %d", len(kept),
-                    sum(lengths) / len(lengths), max(lengths))
-    return SFTDataset(kept, lengths), eval_ds, report
-
-
-# ---------------------------------------------------------------------------- model
-def build_model(model_args: ModelArguments, tuner: TunerArguments, args: SFTTrainingArguments, path: str,
-                model: torch.nn.Module | None = None):
-    """Load the model (or take an already loaded one, e.g. `vltune personalize`'s global model) and apply the tuner."""
-    if model is None:
-        model = load_model(path, model_args, tuner.train_type, tuner.quant_bits, tuner.bnb_4bit_quant_type)
-    model = apply_tuner(model, tuner)
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs)
-    logger.info("[model] trainable parameters by part (%s, %s):\n%s", tuner.train_type,
-                "gradient checkpointing on" if args.gradient_checkpointing else "no gradient checkpointing",
-                format_summary(parameter_summary(model)))
-    return model
-
-
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the (PEFT-unwrapped) model's forward takes `logits_to_keep` (most transformers LMs do)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-
-# ---------------------------------------------------------------------------- recipe
-def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArguments, args: SFTTrainingArguments,
-            callbacks: list | None = None, model: torch.nn.Module | None = None, processor=None,
-            samples: list | None = None) -> SFTResult:
-    """Train and save. `model` / `processor` / `samples` let a caller that already holds them (vltune
-    personalize: one loaded global model, many users) skip loading; the tuner is applied to `model` in place."""
-    from transformers import Trainer, set_seed
-
-    setup_logging()
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with TeeLog(out / "train.log"):
-        if args.wandb_project:
-            os.environ["WANDB_PROJECT"] = args.wandb_project
-        set_seed(args.seed)
-        if is_main_process():
-            dump_config((model_args, tuner, data, args), out / "args.json")
-        path = resolve_model_path(model_args)
-        if processor is None:
-            processor = load_processor(path, model_args.max_pixels, model_args.min_pixels, model_args.trust_remote_code)
-        from transformers import AutoConfig
-
-        family = family_for_model_type(AutoConfig.from_pretrained(path).model_type)
-        logger.info("[model] %s (family %s, coordinates %s)", path, family.name, family.coords)
-
-        train_ds, eval_ds, report = build_datasets(data, processor, args.seed, str(out), family.coords, samples)
-        model = build_model(model_args, tuner, args, path, model)
-        collator = SFTCollator(processor, data.loss_scale, logits_to_keep=accepts_logits_to_keep(model),
-                               train_separator=data.train_separator)
-
-        # Preflight on a real batch, on the device Trainer will use.
-        if not getattr(model, "is_loaded_in_4bit", False):
-            model.to(args.device)
-        batch = collator([train_ds[i] for i in range(min(args.per_device_train_batch_size, len(train_ds)))])
-        batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-        norms = check_gradient_flow(model, batch, autocast_dtype=amp)
-        logger.info("[preflight] gradients reach every trainable group: %s",
-                    ", ".join(f"{g} |g|={v:.3g}" for g, v in norms.items()))
-
-        if args.label_names is None:
-            args.label_names = ["labels"]
-        if eval_ds is not None and args.eval_strategy == "no":
-            args.eval_strategy = args.save_strategy
-            args.eval_steps = args.eval_steps or args.save_steps
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=collator, processing_class=processor, callbacks=callbacks)
-        attach_debug_callback(trainer)  # per-rank dump when $VLTUNE_DEBUG_DIST_DIR is set (vltune/distributed.py)
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume_from_checkpoint, str(out)))
-        metrics = dict(result.metrics)
-        if eval_ds is not None:
-            metrics.update(trainer.evaluate())
-        if train_ds.runtime_skips:
-            logger.warning("[data] %d sample(s) skipped at load time, e.g. %s", len(train_ds.runtime_skips),
-                           train_ds.runtime_skips[0])
-        metrics["samples_skipped"] = report.skipped + len(train_ds.runtime_skips)
-
-        trainer.save_model(str(out))
-        if trainer.is_world_process_zero():
-            processor.save_pretrained(str(out))
-            trainer.save_state()
-            _write_outputs(out, trainer, metrics, report, model_args, tuner, path)
-        return SFTResult(str(out), metrics, report, model, processor)
-
-
-def _write_outputs(out: Path, trainer, metrics: dict, report: DataReport, model_args, tuner, base: str) -> None:
-    from ..eval.plots import plot_loss_curve
-
-    (out / "data_report.json").write_text(json.dumps(
-        {"total": report.total, "kept": report.kept, "skipped": dict(report.counts),
-         "examples": {k: v for k, v in report.problems.items()}}, indent=2))
-    (out / "train_results.json").write_text(json.dumps(metrics, indent=2, default=str))
-    png = plot_loss_curve(trainer.state.log_history, out / "loss.png")
-    load_hint = (f"PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained('{base}'), '{out}')"
-                 if tuner.train_type in ("lora", "qlora") else f"AutoModelForImageTextToText.from_pretrained('{out}')")
-    (out / "README.md").write_text(
-        f"# vltune sft output\n\n- base model: `{base}`\n- train type: {tuner.train_type}\n"
-        f"- steps: {trainer.state.global_step}\n- final train loss: {metrics.get('train_loss')}\n"
-        f"- samples skipped: {metrics.get('samples_skipped')} (see data_report.json)\n\n"
-        f"Load with `{load_hint}`; the processor is saved beside.\n"
-        f"Files: args.json (resolved arguments), train.log, data_report.json, train_results.json"
-        f"{', loss.png' if png else ''}, runs/ (TensorBoard), checkpoint-N/.\n")
-    logger.info("[done] saved to %s", out)
 
 
 def main(argv: list[str] | None = None) -> SFTResult:

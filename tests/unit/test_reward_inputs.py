@@ -66,6 +66,6 @@ def test_ms_swift_classes_get_plain_strings_and_varied_rewards_are_not_warned(re
 def test_readme_documents_what_each_signature_receives():
     from pathlib import Path
 
-    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text(encoding="utf-8")
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text(encoding="utf-8")
     assert "[{'role': 'assistant', 'content': str}]" in readme and "plain `str`" in readme
     assert "list of messages" in RECEIVES["trl"] and "plain str" in RECEIVES["swift"]

@@ -16,7 +16,7 @@ import vltune.recipes.vla  # noqa: F401
 from vltune.cli import main
 from vltune.errors import UsageError
 
-from .conftest import write_image, write_jsonl
+from tests.helpers import write_image, write_jsonl
 
 
 @pytest.fixture
@@ -175,7 +175,7 @@ def test_args_json_carries_no_run_state_and_resume_is_logged(tmp_path, capsys):
     logging_dir); a run that does resume says from where."""
     import logging
 
-    from vltune.config import SFTTrainingArguments, dump_config
+    from vltune.args import SFTTrainingArguments, dump_config
     from vltune.resume import resume_checkpoint
 
     ckpt = tmp_path / "run" / "checkpoint-3"
