@@ -318,8 +318,9 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
             defaults.setdefault("fp16", device == "cuda" and dtype == torch.float16)
         if device == "cpu":
             defaults.setdefault("use_cpu", True)
-    from .distributed import expand_deepspeed_preset  # `--deepspeed zero2` -> config dict before TrainingArguments
+    from .distributed import expand_deepspeed_preset, expand_fsdp_preset  # presets -> dicts before TrainingArguments
     argv, defaults = expand_deepspeed_preset(argv, defaults, known)
+    argv, defaults = expand_fsdp_preset(argv, defaults, known)
     parser.set_defaults(**defaults)
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     rest = [r for r in rest if r]
