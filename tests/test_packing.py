@@ -160,8 +160,11 @@ def test_pad_share_and_histogram():
     assert len(lines) == 4 and lines[0].split()[1] == "3" and lines[-1].split()[1] == "1"
 
 
-def test_sft_packing_end_to_end_logs_tokens_per_step(tmp_path, tiny_path):
+def test_sft_packing_end_to_end_logs_tokens_per_step(tmp_path, tiny_path, monkeypatch):
     from vltune.recipes.sft import main
+
+    # an import inside training (bitsandbytes' torch.compile at import) sets the inductor cache dir: undo it after
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
 
     out = tmp_path / "out"
     res = main(["--model", tiny_path("qwen2_vl"), "--packing", "true", "--max_steps", "2", "--num_samples", "24",
