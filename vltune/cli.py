@@ -14,6 +14,7 @@ COMMANDS = {
     "infer": ("vltune.recipes.infer", "answer prompts with a model (+ adapter): one image, or a whole data set"),
     "export": ("vltune.recipes.export", "merge a LoRA adapter into the model, or a DeepSpeed ZeRO checkpoint to fp32"),
     "eval": ("vltune.recipes.evaluate", "evaluate a model: `vltune eval grounding ...`"),
+    "serve": ("vltune.recipes.serve", "serve a model + per-user adapters over an OpenAI-compatible API, batched, with a playground"),
     "vla": ("vltune.recipes.vla", "train a vision-language-action policy (VLM + LSTM/MLP/GPT action head) on robot demos"),
 }
 

@@ -1,37 +1,16 @@
-"""Padding-free batches and packing: the same losses, gradients and labels as padded batches, per family."""
+"""Padding-free batches and packing through the model and `vltune sft`: the same losses, gradients and
+isolation as padded batches, per family; the run logs tokens per step; a missing GPU package is one line."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from vltune.data.dataset import SFTCollator
-from vltune.data.formats import normalize_row
-from vltune.data.packing import (PackedDataset, PaddingFreeCollator, find_rope_index, length_histogram,
-                                 pack_lengths, pad_share)
+from vltune.data.packing import PaddingFreeCollator, find_rope_index
 from vltune.data.template import IGNORE_INDEX
-from vltune.data.dataset import SFTDataset
 
-from .conftest import FAMILIES
-
-
-def _rows():
-    red, green, blue = (Image.new("RGB", s, c) for s, c in (((64, 64), (200, 0, 0)), ((96, 64), (0, 200, 0)),
-                                                            ((64, 128), (0, 0, 200))))
-    return [
-        {"messages": [{"role": "user", "content": "<image>Click the red circle"},
-                      {"role": "assistant", "content": "click(125, 375)"}], "images": [red]},
-        {"messages": [{"role": "user", "content": "<image>compare with <image>"},
-                      {"role": "assistant", "content": "not trained here", "loss": False},
-                      {"role": "user", "content": "and now?"},
-                      {"role": "assistant", "content": "a longer answer of several words"}], "images": [green, blue]},
-        {"messages": [{"role": "user", "content": "text only"}, {"role": "assistant", "content": "ok"}], "images": []},
-    ]
-
-
-def _features(rows):
-    return [{"sample": normalize_row(r, None, f"t:{i}"), "images": list(r["images"])} for i, r in enumerate(rows)]
+from tests.helpers import FAMILIES, packing_features, packing_rows
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +56,7 @@ def _per_sample_losses_flat(model, batch, lengths):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_flat_batch_same_losses_gradients_and_isolation(family, processor_for, models):
     proc, model = processor_for(family), models(family)
-    feats = _features(_rows())
+    feats = packing_features(packing_rows())
     padded = SFTCollator(proc)(feats)
     lengths = padded["attention_mask"].sum(1).tolist()
     flat = PaddingFreeCollator(proc, rope_index=find_rope_index(model))(feats)
@@ -108,56 +87,16 @@ def test_flat_batch_same_losses_gradients_and_isolation(family, processor_for, m
         torch.testing.assert_close(grads[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
     # Changing one sample's answer changes no logit of the other samples in the flat row.
-    rows = _rows()
+    rows = packing_rows()
     rows[0]["messages"][1]["content"] = "click(999, 1)"
     rows[0]["messages"][0]["content"] = "<image>Click the big blue square now"
-    changed = PaddingFreeCollator(proc, rope_index=find_rope_index(model))(_features(rows))
-    n0 = int(SFTCollator(proc)(_features(rows[:1]))["attention_mask"].sum())
+    changed = PaddingFreeCollator(proc, rope_index=find_rope_index(model))(packing_features(rows))
+    n0 = int(SFTCollator(proc)(packing_features(rows[:1]))["attention_mask"].sum())
     with torch.no_grad():
         inputs = {k: v for k, v in changed.items() if k not in ("labels", "shift_labels")}
         other = model(**inputs).logits[0]
     torch.testing.assert_close(other[n0:], logits[lengths[0]:], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(other[:n0].mean(), logits[:lengths[0]].mean())
-
-
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "idefics3"])
-def test_labels_inside_packs_are_assistant_only(family, processor_for):
-    proc = processor_for(family)
-    feats = _features(_rows())
-    padded = SFTCollator(proc)(feats)
-    flat = PaddingFreeCollator(proc)(feats)
-    mask = padded["attention_mask"].bool()
-    expected = padded["labels"].clone()
-    expected[:, 0] = IGNORE_INDEX
-    assert torch.equal(flat["labels"][0], expected[mask])
-    tok = proc.tokenizer
-    trained = flat["labels"][0] != IGNORE_INDEX
-    text = tok.decode(flat["input_ids"][0][trained])
-    assert "click(125, 375)" in text and "a longer answer of several words" in text and "ok" in text
-    assert "not trained here" not in text and "Click the red circle" not in text  # loss: false and user turns
-    # targets never cross a sample boundary: the last token of a sample predicts nothing
-    ends = mask.sum(1).cumsum(0) - 1
-    assert (flat["shift_labels"][0, ends] == IGNORE_INDEX).all()
-
-
-def test_pack_lengths_never_splits_and_respects_capacity():
-    lengths = [5, 9, 3, 7, 1, 10, 4, 6]
-    packs = pack_lengths(lengths, 10)
-    assert sorted(i for p in packs for i in p) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in p) <= 10 for p in packs)
-    assert len(packs) == 5  # 45 tokens need at least 5 packs of 10
-    with pytest.raises(ValueError, match="longer than the packing length 8"):
-        pack_lengths(lengths, 8)
-    ds = PackedDataset(SFTDataset([object()] * len(lengths), lengths), 10, seed=0)
-    assert len(ds) == 5 and ds.fill() == pytest.approx(45 / 50)
-
-
-def test_pad_share_and_histogram():
-    assert pad_share([10, 10, 10, 10], 2) == 0
-    assert pad_share([10, 30], 2) == pytest.approx(1 - 40 / 60)
-    assert pad_share([10, 30], 1) == 0
-    lines = length_histogram([10, 11, 12, 50, 90], bins=4)
-    assert len(lines) == 4 and lines[0].split()[1] == "3" and lines[-1].split()[1] == "1"
 
 
 def test_sft_packing_end_to_end_logs_tokens_per_step(tmp_path, tiny_path, monkeypatch):
