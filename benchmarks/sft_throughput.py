@@ -49,7 +49,12 @@ if str(REPO) not in sys.path:
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-ALL_TOOLS = ("vltune", "trl", "swift", "llamafactory")
+ALL_TOOLS = ("vltune", "trl", "swift", "llamafactory", "vltune_pack", "vltune_pf", "bare_pad", "bare_pack")
+REALISTIC_TOOLS = "vltune,vltune_pack,vltune_pf,bare_pad,bare_pack,trl,swift"
+# Realistic data: screenshot sizes (GUI screens of `vltune data synth gui`) mixed with the 112 px demo boards.
+REALISTIC_SCREENS = ((224, 448), (448, 224), (336, 336), (448, 448))
+FILLER = ("the", "icon", "is", "in", "row", "column", "left", "right", "top", "bottom", "of", "screen", "app",
+          "button", "next", "to", "above", "below", "so", "I", "will", "tap", "it", "first", "then", "open")
 # LLM linear layers of Qwen2.5-VL (what `all-linear` means once vision tower + merger are frozen).
 LLM_LORA_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # bf16 dense peak, TFLOP/s (peers.md: H100 SXM 989; the H200 has the same tensor cores).
@@ -74,6 +79,12 @@ def parse_args(argv=None):
     ap.add_argument("--image_cell", type=int, default=None,
                     help="pixels per board cell (4x4 board); default 28 (tiny: 16 image tokens), 224 realistic "
                          "(896 px: 1024 image tokens)")
+    ap.add_argument("--data", choices=["grounding", "realistic"], default="grounding",
+                    help="grounding: the demo's uniform boards (53 tokens a sample); realistic: mixed screenshot "
+                         "sizes + demo boards, 1-4 turns, short and long answers (tiny config only); its default "
+                         "tools add vltune --packing / --padding_free and the bare PyTorch loop")
+    ap.add_argument("--eval_samples", type=int, default=16,
+                    help="realistic data: held-out conversations for the loss-per-token comparison")
     ap.add_argument("--workdir", default="/tmp/vltune-bench", help="model, data, outputs, logs")
     ap.add_argument("--venvs", default=None, help="where the peers' venvs live (default WORKDIR/venvs)")
     ap.add_argument("--threads", type=int, default=None,
@@ -146,6 +157,71 @@ def prepare_data(workdir: Path, model_dir: str, n_train: int, cell: int) -> dict
     return paths
 
 
+def prepare_realistic_data(workdir: Path, model_dir: str, n_train: int, n_eval: int) -> dict:
+    """Real-shaped SFT data: GUI screenshots of several sizes plus demo boards (16 to ~250 image tokens each),
+    conversations of 1-4 turns (one image per user turn), half the answers with a "Thought:" of 3-60 words.
+    Written as ms-swift JSONL (vltune, ms-swift; plus a held-out eval.jsonl) and TRL prompt-completion JSONL
+    (TRL trains only the last answer: prompt = everything before it)."""
+    import random
+
+    from vltune.data.synthetic import make_grounding_set
+    from vltune.data.synthetic_gui import make_gui_set
+    from vltune.models.load import load_processor
+
+    data = workdir / f"data-realistic-{n_train}-{n_eval}"
+    paths = {"jsonl": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "trl": str(data / "trl.jsonl")}
+    if (data / "DONE").exists():
+        return paths
+    processor = load_processor(model_dir)
+    per_pool = max(8, (n_train + n_eval) * 3 // (len(REALISTIC_SCREENS) + 1))
+    pools = []
+    for k, screen in enumerate(REALISTIC_SCREENS):
+        made = make_gui_set(data / "raw" / f"gui-{screen[0]}x{screen[1]}", train_users="3-4", test_users="1-2",
+                            samples_per_user=per_pool // 2, test_per_user=1, screen=screen, seed=k,
+                            convention="abs_resized", processor=processor, pickles=False)
+        pools.append(made["train"])
+    pools.append(make_grounding_set(data / "raw" / "boards", n_train=per_pool, n_test=0, grid=4, cell=28, seed=0,
+                                    convention="abs_resized", processor=processor)["train"])
+    turns = []
+    for path in pools:
+        base = Path(path).parent
+        for line in open(path, encoding="utf-8"):
+            r = json.loads(line)
+            turns.append((r["messages"][0]["content"], r["messages"][1]["content"],
+                          str((base / r["images"][0]).resolve())))
+    rng = random.Random(0)
+    convs = []
+    for _ in range(n_train + n_eval):
+        msgs, images = [], []
+        for user, answer, image in rng.sample(turns, rng.choice((1, 1, 2, 2, 3, 4))):
+            if rng.random() < 0.5:
+                answer = "Thought: " + " ".join(rng.choice(FILLER) for _ in range(rng.randint(3, 60))) + ". " + answer
+            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+            images.append(image)
+        convs.append({"messages": msgs, "images": images})
+    train, held = convs[:n_train], convs[n_train:]
+    for name, rows in (("jsonl", train), ("eval", held)):
+        with open(paths[name], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def parts(text):
+        out = []
+        for i, piece in enumerate(text.split("<image>")):
+            if i:
+                out.append({"type": "image", "text": None})
+            if piece:
+                out.append({"type": "text", "text": piece})
+        return out
+
+    with open(paths["trl"], "w", encoding="utf-8") as f:
+        for r in train:
+            prompt = [{"role": m["role"], "content": parts(m["content"])} for m in r["messages"][:-1]]
+            f.write(json.dumps({"prompt": prompt, "completion": [{"role": "assistant", "content": [
+                {"type": "text", "text": r["messages"][-1]["content"]}]}], "images": r["images"]}) + "\n")
+    (data / "DONE").write_text("ok\n")
+    return paths
+
+
 # =============================================================================== tools
 def common_env(trace: Path, register_processor: bool, threads: int | None, device: str) -> dict:
     env = dict(os.environ)
@@ -176,7 +252,8 @@ def cmd_vltune(s: dict) -> list[str]:
             "--torch_dtype", s["dtype"], *(["--bf16", "true"] if s["dtype"] == "bfloat16" else []),
             "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", "42",
             "--dataloader_num_workers", "0", "--device", s["device"], "--output_dir", s["out"],
-            "--train_separator", "true"]  # the peers also train the '\n' after <|im_end|>: same tokens, same loss
+            "--train_separator", "true",  # the peers also train the '\n' after <|im_end|>: same tokens, same loss
+            *s.get("vltune_extra", [])]
 
 
 def cmd_trl(s: dict) -> list[str]:
@@ -269,6 +346,68 @@ def trl_worker(s: dict) -> None:
                          peft_config=peft_config)
     trainer.train()
     trainer.save_model(s["out"])
+
+
+# =============================================================================== bare PyTorch loop
+def bare_worker(s: dict) -> None:
+    """The ceiling: forward + backward + AdamW on pre-collated batches (vltune's padded or packed batches of the
+    same data), no Trainer, no data loading in the timed loop. Writes the same trace as the Trainer hook."""
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from vltune.data.dataset import SFTCollator, SFTDataset, validate_samples
+    from vltune.data.formats import read_dataset
+    from vltune.data.packing import PackedDataset, PaddingFreeCollator, find_rope_index
+    from vltune.models.load import load_processor
+
+    torch.manual_seed(42)
+    processor = load_processor(s["model"])
+    model = AutoModelForImageTextToText.from_pretrained(s["model"], dtype=getattr(torch, s["dtype"])).to(s["device"])
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=LLM_LORA_REGEX))
+    samples, _ = read_dataset([s["data"]["jsonl"]])
+    kept, lengths, _ = validate_samples(samples, processor, 4096)
+    ds = SFTDataset(kept, lengths)
+    if s["mode"] == "pack":
+        items = PackedDataset(ds, s["packing_length"], seed=42)
+        collate = PaddingFreeCollator(processor, rope_index=find_rope_index(model), keep_trained_logits=True,
+                                      train_separator=True)
+        per_batch = 1
+    else:
+        items = ds
+        collate = SFTCollator(processor, logits_to_keep=True, train_separator=True)
+        per_batch = s["batch"]
+    order = list(range(len(items)))
+    random.Random(42).shuffle(order)
+    batches = []
+    for k in range(s["steps"]):
+        idx = [order[(k * per_batch + j) % len(order)] for j in range(per_batch)]
+        batch = collate([items[i] for i in idx])
+        batches.append({k: v.to(s["device"]) if torch.is_tensor(v) else v for k, v in batch.items()})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s["lr"], weight_decay=0.0)
+    model.train()
+    rows, losses, t_begin = [], {}, time.time()
+    for step, batch in enumerate(batches, 1):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses[step] = float(loss)  # the sync a Trainer's logging_steps 1 also pays
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            n, tokens = ids.shape[0], int(mask.sum())
+        else:
+            pos = batch["position_ids"]
+            n, tokens = int(((pos[0] if pos.dim() == 3 else pos) == 0).sum()), ids.numel()
+        rows.append({"step": step, "t": time.time(), "samples": n, "tokens": tokens,
+                     "trained": int((batch["labels"] != -100).sum()), "padded": ids.numel(), "fp": 0})
+    Path(os.environ["VLTUNE_BENCH_TRACE"]).write_text(json.dumps(
+        {"t_begin": t_begin, "t_end": time.time(), "steps": rows, "losses": losses, "trainer": "bare"}))
 
 
 # =============================================================================== measuring
@@ -369,6 +508,7 @@ def summarize(trace_path: Path, run: dict, warmup: int, loss_step: int) -> dict:
         out["tokens_per_sample"] = sum(r["tokens"] for r in window) / max(1, sum(r["samples"] for r in window))
         out["padded_frac"] = 1 - sum(r["tokens"] for r in window) / max(1, sum(r["padded"] for r in window))
         out["tokens_total"] = sum(r["tokens"] for r in window)
+        out["tokens_all"] = sum(r["tokens"] for r in steps)
     for k in ("cuda_peak_allocated", "cuda_peak_reserved"):
         if k in tr:
             out[k] = tr[k]
@@ -521,6 +661,41 @@ def add_mfu(results: dict, fc: dict, cell: int, gpu: str, peak: float | None):
     return extra, notes
 
 
+def data_lengths(model_dir: str, jsonl: str) -> list[int]:
+    """Token count of every sample (image tokens included), as vltune counts them."""
+    from vltune.data.dataset import validate_samples
+    from vltune.data.formats import read_dataset
+    from vltune.models.load import load_processor
+
+    samples, _ = read_dataset([jsonl])
+    return validate_samples(samples, load_processor(model_dir), 4096, verify_images=False)[1]
+
+
+def packing_report(results: dict, shape: str):
+    """Extra columns and notes for the realistic-data run: eval loss, tokens seen, share of the bare loop."""
+    extra = {"eval loss/token": lambda r: fmt(r.get("eval_loss"), ".4f"),
+             "tokens seen": lambda r: fmt(r.get("tokens_all"), ".0f"),
+             "pad %": lambda r: fmt(100 * r["padded_frac"], ".0f") if r.get("padded_frac") is not None else "-"}
+    notes = [shape.replace("[bench] ", "Data: ")]
+    for name, ceiling in (("vltune", "bare_pad"), ("vltune_pf", "bare_pack"), ("vltune_pack", "bare_pack")):
+        v, c = results.get(name, {}), results.get(ceiling, {})
+        if v.get("tokens_s") and c.get("tokens_s"):
+            notes.append(f"{name} / {ceiling} (bare forward+backward+AdamW on the same kind of batches): "
+                         f"{100 * v['tokens_s'] / c['tokens_s']:.0f}% of its non-pad tokens/s")
+    peers = {n: r for n, r in results.items() if n in ("trl", "swift", "llamafactory") and r.get("samples_s")}
+    pack = results.get("vltune_pack", {})
+    if peers and pack.get("samples_s"):
+        best = max(peers, key=lambda n: peers[n]["samples_s"])
+        lean = min(peers, key=lambda n: peers[n]["peak_rss"])
+        notes.append(f"vltune --packing / fastest peer ({best}): {pack['samples_s'] / peers[best]['samples_s']:.2f}x "
+                     f"samples/s; peak RSS / leanest peer ({lean}): {pack['peak_rss'] / peers[lean]['peak_rss']:.2f}x")
+    notes.append("eval loss/token: vltune's loss on the held-out conversations after the run (TRL and ms-swift are "
+                 "not evaluated); ms-swift runs unpacked: its --packing / --padding_free refuse sdpa and eager, "
+                 "i.e. need flash-attn, which a CPU has not. TRL trains only each conversation's last answer "
+                 "(prompt-completion: it refuses assistant-only loss for VLMs), so its trained tokens differ.")
+    return extra, notes
+
+
 # =============================================================================== report
 def fmt(v, spec=".1f", none="-"):
     return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
@@ -651,13 +826,18 @@ def main(argv=None) -> int:
     if a._worker == "trl":
         trl_worker(json.loads(a._spec))
         return 0
+    if a._worker == "bare":
+        bare_worker(json.loads(a._spec))
+        return 0
     device = resolve_device(a.device)
     if a.config == "realistic" and device != "cuda" and not a._shrunk:
         print("--config realistic trains a Qwen2.5-VL-3B-sized model (~3.8 B parameters): it is meant for a GPU "
               "machine and is refused on a CPU (a single step would take minutes and tens of GB of memory). "
               "Run it with --device cuda on a GPU, or use the default --config tiny here.", file=sys.stderr)
         return 2
-    tools = [t.strip() for t in (a.tools or ("vltune,trl" if a.config == "realistic" else ",".join(ALL_TOOLS))).split(",")]
+    default_tools = ("vltune,trl" if a.config == "realistic" else REALISTIC_TOOLS if a.data == "realistic"
+                     else "vltune,trl,swift,llamafactory")
+    tools = [t.strip() for t in (a.tools or default_tools).split(",")]
     bad = [t for t in tools if t not in ALL_TOOLS]
     if bad:
         raise SystemExit(f"unknown tool(s) {bad}; choose from {ALL_TOOLS}")
@@ -685,7 +865,20 @@ def main(argv=None) -> int:
         cell = a.image_cell or 224
         dtype = "bfloat16"
     n_train = max(512, a.steps * a.batch) if a.config == "tiny" else a.steps * a.batch
-    data = prepare_data(workdir, model, n_train=n_train, cell=cell)
+    realistic_data = a.data == "realistic"
+    if realistic_data:
+        data = prepare_realistic_data(workdir, model, n_train=a.steps * a.batch, n_eval=a.eval_samples)
+        lengths, packing_length = data_lengths(model, data["jsonl"]), None
+        packing_length = max(max(lengths), round(a.batch * sum(lengths) / len(lengths)))
+        from vltune.data.packing import length_histogram, pad_share
+
+        shape = (f"[bench] realistic data: {len(lengths)} conversations, tokens min {min(lengths)} / mean "
+                 f"{sum(lengths) / len(lengths):.0f} / max {max(lengths)}; padded batches of {a.batch} waste "
+                 f"{100 * pad_share(lengths, a.batch, 42):.1f}% on padding; packs of up to {packing_length} tokens "
+                 f"(~ the tokens of one padded batch, so every variant sees about the same tokens per step)")
+        print(shape + "\n" + "\n".join("    " + h for h in length_histogram(lengths)), flush=True)
+    else:
+        data = prepare_data(workdir, model, n_train=n_train, cell=cell)
     print(f"[bench] model {model}; data {data['jsonl']} ({time.time() - t_setup:.0f} s setup)", flush=True)
 
     venv_info: dict = {}
@@ -707,15 +900,27 @@ def main(argv=None) -> int:
             out, trace, log = runs / tag, runs / f"{tag}.trace.json", runs / f"{tag}.log"
             spec = {"model": model, "data": data, "lr": a.lr, "batch": a.batch, "steps": a.steps, "dtype": dtype,
                     "device": device, "out": str(out)}
+            if realistic_data:
+                spec["packing_length"] = packing_length
+                eval_flags = ["--val_dataset", data["eval"], "--per_device_eval_batch_size", str(a.eval_samples),
+                              "--prediction_loss_only", "true", "--max_length", "4096"]
+                spec["vltune_extra"] = {
+                    "vltune": eval_flags, "vltune_pf": eval_flags + ["--padding_free", "true"],
+                    "vltune_pack": eval_flags + ["--packing", "true", "--packing_length", str(packing_length),
+                                                 "--per_device_train_batch_size", "1"]}.get(name, [])
             if name == "swift":
                 cmd = cmd_swift(spec, venvs / name)
             elif name == "llamafactory":
                 cmd = cmd_llamafactory(spec, venvs / name)
-            elif name == "vltune":
+            elif name.startswith("vltune"):
                 cmd = cmd_vltune(spec)
+            elif name.startswith("bare"):
+                spec["mode"] = "pack" if name == "bare_pack" else "pad"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", "bare", "--_spec", json.dumps(spec)]
             else:
                 cmd = cmd_trl(spec)
-            env = common_env(trace, register_processor=name != "vltune", threads=a.threads, device=device)
+            env = common_env(trace, register_processor=not name.startswith(("vltune", "bare")), threads=a.threads,
+                             device=device)
             if name in ("swift", "llamafactory"):
                 from peer_envs import SPECS
 
@@ -724,6 +929,9 @@ def main(argv=None) -> int:
             run = run_tool(name, cmd, env, log, a.timeout, cwd=runs)
             r = summarize(trace, run, a.warmup, a.loss_step)
             r["log"], r["cmd"] = str(log), cmd
+            eval_file = out / "train_results.json"
+            if eval_file.exists():
+                r["eval_loss"] = json.loads(eval_file.read_text()).get("eval_loss")
             if name in venv_info:
                 r["versions"] = venv_info[name][1]
             if r.get("rc") != 0:
@@ -742,6 +950,8 @@ def main(argv=None) -> int:
     if a.config == "realistic":
         gpu, peak = gpu_peak_tflops()
         extra, notes = add_mfu(results, flop_counts(model), cell, gpu, peak)
+    if realistic_data:
+        extra, notes = packing_report(results, shape)
     text = report(results, a, device, {}, extra, notes)
     res_path = Path(a.json) if a.json else runs / "results.json"
     res_path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,17 @@ class DataArguments:
                 "(`<|im_end|>\\n`), as ms-swift, LLaMA-Factory and TRL do: their step losses then equal vltune's "
                 "on the same batches. Off by default: that token is never generated (the README says what it "
                 "measured)."})
+    packing: bool = field(default=False, metadata={
+        "help": "Bin-pack samples into packs of up to --packing_length tokens (a sample, and so an image, is never "
+                "split) and train on --per_device_train_batch_size packs per step, flattened into one row without "
+                "padding. Samples never attend to each other and their positions restart (mRoPE-aware); works with "
+                "sdpa, eager and flash_attention_2. Fewer, fuller steps: the log states tokens per optimizer step, "
+                "scale the learning rate to it."})
+    packing_length: int | None = field(default=None, metadata={
+        "help": "Token capacity of one pack (default: --max_length). Samples longer than it are dropped and counted."})
+    padding_free: bool = field(default=False, metadata={
+        "help": "Keep the usual batches of samples but flatten each into one row without padding (same "
+                "guarantees as --packing: no attention across samples, positions restart per sample)."})
     strict: bool = field(default=False, metadata={
         "help": "Stop before training if any sample is invalid or over-long, instead of skipping and counting it."})
     num_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
@@ -280,8 +291,9 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
             defaults.setdefault("fp16", device == "cuda" and dtype == torch.float16)
         if device == "cpu":
             defaults.setdefault("use_cpu", True)
-    from .distributed import expand_deepspeed_preset  # `--deepspeed zero2` -> config dict before TrainingArguments
+    from .distributed import expand_deepspeed_preset, expand_fsdp_preset  # presets -> dicts before TrainingArguments
     argv, defaults = expand_deepspeed_preset(argv, defaults, known)
+    argv, defaults = expand_fsdp_preset(argv, defaults, known)
     parser.set_defaults(**defaults)
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     rest = [r for r in rest if r]

@@ -1,10 +1,11 @@
-"""Multi-process training: DeepSpeed presets for `--deepspeed`.
+"""Multi-process training: DeepSpeed presets for `--deepspeed`, FSDP2 presets for `--fsdp`.
 
 Launch lines (the recipe itself is unchanged; Trainer + accelerate do DDP / ZeRO):
 
     torchrun --nproc_per_node 8 -m vltune sft ...                           # DDP, one node
     accelerate launch --multi_gpu --num_processes 8 -m vltune sft ...       # the same through accelerate
     torchrun --nproc_per_node 8 -m vltune sft --deepspeed zero2 ...         # ZeRO-2 (pip install 'vltune[deepspeed]')
+    accelerate launch --num_processes 8 -m vltune sft --fsdp fsdp2 ...      # FSDP2 (PyTorch; no extra package)
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 -m vltune sft ...
 
 `--deepspeed` takes a preset name (`zero2`, `zero3`, `zero2_offload`, `zero3_offload`, as in ms-swift) or a
@@ -99,7 +100,7 @@ def resolve_deepspeed(value):
 
 
 def expand_deepspeed_preset(argv: list[str], defaults: dict, known: set[str]) -> tuple[list[str], dict]:
-    """Hook for `config.parse_args`: move `--deepspeed PRESET` (command line or config file) into the parser
+    """Hook for `args.parse_args`: move `--deepspeed PRESET` (command line or config file) into the parser
     defaults as a config dict.
 
     It must happen before the arguments are built: `TrainingArguments.__post_init__` already loads
@@ -107,19 +108,63 @@ def expand_deepspeed_preset(argv: list[str], defaults: dict, known: set[str]) ->
     """
     if "deepspeed" not in known:
         return argv, defaults
-    value, rest, i = defaults.get("deepspeed"), [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--deepspeed" and i + 1 < len(argv):
-            value, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith("--deepspeed="):
-            value = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-        i += 1
+    value, rest = _take_flag(argv, "deepspeed", defaults.get("deepspeed"))
     if value is None:
         return argv, defaults
     defaults = dict(defaults)
     defaults["deepspeed"] = resolve_deepspeed(value)
+    return rest, defaults
+
+
+def _take_flag(argv: list[str], name: str, value=None) -> tuple[object, list[str]]:
+    """(last value of `--name V` / `--name=V` in argv, or `value`; argv without those flags)."""
+    rest, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == f"--{name}" and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return value, rest
+
+
+# ---------------------------------------------------------------------------- FSDP2 presets
+# `--fsdp fsdp2` beside `--deepspeed zero3`: parameters, gradients and optimizer states sharded across ranks by
+# PyTorch's FSDP2 (through accelerate), each decoder layer wrapped on its own (the model's `_no_split_modules`).
+# Checkpoints are saved as one full state dict, so `vltune export` and from_pretrained read them as usual.
+FSDP_PRESETS = {
+    "fsdp2": "FSDP2 full sharding (like ZeRO-3), layers resharded after forward",
+    "fsdp2_offload": "FSDP2 with parameters, gradients and optimizer states in CPU memory (least GPU memory)",
+}
+
+
+def fsdp_config(preset: str) -> dict:
+    """The `fsdp_config` dict of an FSDP2 preset (`fsdp2`, `fsdp2_offload`)."""
+    if preset not in FSDP_PRESETS:
+        raise SystemExit(f"--fsdp {preset}: not a preset ({', '.join(FSDP_PRESETS)}); or give "
+                         f"--fsdp_config FILE.json")
+    config = {"version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+              "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}
+    if preset.endswith("_offload"):
+        config["cpu_offload"] = True
+    return config
+
+
+def expand_fsdp_preset(argv: list[str], defaults: dict, known: set[str]) -> tuple[list[str], dict]:
+    """Hook for `args.parse_args`: `--fsdp fsdp2` -> `fsdp=True` + the preset's `fsdp_config` (an
+    explicit `--fsdp_config` wins). Other `--fsdp` values pass through to transformers unchanged."""
+    if "fsdp" not in known:
+        return argv, defaults
+    value, rest = _take_flag(argv, "fsdp", defaults.get("fsdp"))
+    if value not in FSDP_PRESETS:
+        if isinstance(value, str) and value.startswith("fsdp2"):
+            fsdp_config(value)  # a misspelt preset: name the choices
+        return argv, defaults
+    defaults = dict(defaults)
+    defaults["fsdp"] = True
+    defaults.setdefault("fsdp_config", fsdp_config(value))
     return rest, defaults

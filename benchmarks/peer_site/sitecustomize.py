@@ -91,10 +91,14 @@ def _install_trace(trainer_module):
                     mask = b.get("attention_mask")
                     labels = b.get("labels")
                     tokens = mask.sum() if mask is not None and mask.dim() == 2 else ids.numel()
+                    n = ids.shape[0]
+                    pos = b.get("position_ids")
+                    if mask is None and pos is not None:  # a padding-free row: samples = position restarts
+                        n = ((pos[0] if pos.dim() == 3 else pos) == 0).sum()
                     trained = (labels != -100).sum() if labels is not None else 0
                     # data-order fingerprint: sum of the non-pad ids (independent of padding side)
                     fp = (ids * mask).sum() if mask is not None and mask.dim() == 2 else ids.sum()
-                    trace.pending.append((ids.shape[0], tokens, trained, ids.numel(), fp))
+                    trace.pending.append((n, tokens, trained, ids.numel(), fp))
                 except Exception:
                     trace.pending.append((0, 0, 0, 0, 0))
             return batches, n_items

@@ -132,7 +132,7 @@ def test_cli_exit_status_and_one_line_per_kind(tmp_path, grounding_jsonl, tiny_p
     report = tmp_path / "report.json"
     bad = _cli("--dataset", path, "--dataset", grounding_jsonl, "--max_length", "200", "--report", str(report))
     assert bad.returncode == 1, bad.stderr[-2000:]
-    out = bad.stdout.splitlines()
+    out = bad.stdout.split("\ntokens per sample")[0].splitlines()  # the length picture follows the problems
     assert out[0].startswith("checked 47 sample(s) from 2 data set(s)"), out[0]  # 15 + 32: both files checked
     kinds = {line.strip().split(":")[0] for line in out[1:]}
     assert kinds == set(expected) and len(out) == 1 + len(expected)
@@ -143,6 +143,17 @@ def test_cli_exit_status_and_one_line_per_kind(tmp_path, grounding_jsonl, tiny_p
     good = _cli("--dataset", grounding_jsonl)
     assert good.returncode == 0, good.stdout + good.stderr[-2000:]
     assert "32 ok, 0 with problems" in good.stdout
+    assert "padded batches of 8:" in good.stdout and "--packing true --packing_length 2048:" in good.stdout
+
+
+def test_length_picture_reports_histogram_pad_share_and_packing():
+    from vltune.recipes.data import length_picture
+
+    pic = length_picture([10, 10, 30, 50, 20, 20], batch_size=2, packing_length=60)
+    assert pic["pad_share"] > 0 and pic["packs"] == 3 and pic["pack_fill"] == pytest.approx(140 / 180)
+    text = "\n".join(pic["lines"])
+    assert "min 10, mean 23, max 50" in text and "padded batches of 2:" in text and "3 packs" in text
+    assert sum(int(line.split()[1]) for line in pic["lines"][1:-2]) == 6  # the histogram counts every sample
 
 
 def test_check_loads_the_processor_but_never_model_weights(tmp_path, grounding_jsonl, tiny_path, monkeypatch):

@@ -221,3 +221,22 @@ def test_export_refuses_a_folder_without_a_zero_checkpoint(tmp_path):
     else:
         with pytest.raises(SystemExit, match="checkpoint-N"):
             export_main(["--deepspeed_to_fp32", str(tmp_path), "--output_dir", str(tmp_path / "o")])
+
+
+# ---------------------------------------------------------------------------- --fsdp presets
+def test_fsdp2_presets_become_fsdp_config(tmp_path, monkeypatch):
+    from vltune.distributed import FSDP_PRESETS
+
+    # TrainingArguments writes fsdp_config's cpu_ram_efficient_loading into this variable: undo it after
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+
+    assert set(FSDP_PRESETS) == {"fsdp2", "fsdp2_offload"}
+    *_, args = parse_args(GROUPS, ["--fsdp", "fsdp2", "--output_dir", str(tmp_path)])
+    assert args.fsdp and args.fsdp_config["version"] == 2 and args.fsdp_config["reshard_after_forward"] is True
+    assert not args.fsdp_config.get("cpu_offload")
+    plugin = args._process_fsdp_args()  # what accelerate's FSDP plugin is built from
+    assert plugin["fsdp_version"] == 2 and plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    *_, args = parse_args(GROUPS, ["--fsdp=fsdp2_offload", "--output_dir", str(tmp_path)])
+    assert args.fsdp_config["cpu_offload"] is True
+    with pytest.raises(SystemExit, match="fsdp2, fsdp2_offload"):
+        parse_args(GROUPS, ["--fsdp", "fsdp2_ofload", "--output_dir", str(tmp_path)])

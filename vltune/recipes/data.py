@@ -49,6 +49,11 @@ class DataCheckArguments:
                 "screenshots, but a file cut short is found only when training reaches it)."})
     num_proc: int | None = field(default=None, metadata={
         "help": "Worker processes (default: the available cores, at most 8; 1 below ~1000 samples)."})
+    per_device_train_batch_size: int = field(default=8, metadata={
+        "help": "Batch size for the length picture: the share of a padded batch that would be padding "
+                "(random batches, each padded to its longest sample). Alias --batch_size."})
+    packing_length: int | None = field(default=None, metadata={
+        "help": "Pack capacity for the length picture's `--packing` line (default: --max_length)."})
     max_examples: int = field(default=3, metadata={"help": "Locations shown per problem kind (up to 5)."})
     report: str | None = field(default=None, metadata={
         "help": "Also write the summary (counts, locations, messages) to this JSON file."})
@@ -78,9 +83,35 @@ def check(argv: list[str]) -> int:
           f"{summary.total - summary.ok} with problems")
     for line in summary.lines(args.max_examples):
         print(f"  {line}")
+    picture = length_picture(summary.lengths, args.per_device_train_batch_size,
+                             args.packing_length or args.max_length)
+    for line in picture["lines"]:
+        print(line)
     if args.report:
-        Path(args.report).write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+        report = {**summary.to_dict(), "length_picture": {k: v for k, v in picture.items() if k != "lines"}}
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 1 if summary.failed else 0
+
+
+def length_picture(lengths: list[int], batch_size: int, packing_length: int) -> dict:
+    """Token-count histogram and what padding would waste: padded batches of `batch_size` vs `--packing`."""
+    from ..data.packing import length_histogram, pack_lengths, pad_share
+
+    if not lengths:
+        return {"lines": []}
+    waste = pad_share(lengths, batch_size)
+    fits = [n for n in lengths if n <= packing_length]
+    packs = pack_lengths(fits, packing_length)
+    fill = sum(fits) / max(1, len(packs) * packing_length)
+    mean = sum(lengths) / len(lengths)
+    lines = [f"tokens per sample (image tokens included): min {min(lengths)}, mean {mean:.0f}, max {max(lengths)}",
+             *(f"  {h}" for h in length_histogram(lengths)),
+             f"padded batches of {batch_size}: {100 * waste:.1f}% of the tokens would be padding "
+             f"(--padding_free true or --packing true: none)",
+             f"--packing true --packing_length {packing_length}: {len(packs)} packs of {len(fits) / max(1, len(packs)):.1f} "
+             f"samples, {100 * fill:.1f}% full"]
+    return {"lines": lines, "pad_share": waste, "batch_size": batch_size, "packing_length": packing_length,
+            "packs": len(packs), "pack_fill": fill, "mean_tokens": mean, "max_tokens": max(lengths)}
 
 
 @dataclass

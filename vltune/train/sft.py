@@ -58,7 +58,8 @@ def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, c
         samples, read_errors = read_dataset(specs, users=data.users, allow_pickle=data.allow_pickle)
     if data.num_samples:
         samples = samples[: data.num_samples]
-    kept, lengths, report = validate_samples(samples, processor, data.max_length, data.loss_scale, read_errors)
+    limit = min(data.max_length, data.packing_length) if data.packing and data.packing_length else data.max_length
+    kept, lengths, report = validate_samples(samples, processor, limit, data.loss_scale, read_errors)
     report.log("train")
     if report.skipped and data.strict:
         raise report.strict_error("sample")
@@ -103,6 +104,56 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def build_collation(train_ds: SFTDataset, data: DataArguments, args: SFTTrainingArguments, processor, model):
+    """The training set as the Trainer will draw it (samples, or packs with --packing) and its collator
+    (padded, or padding-free with --packing / --padding_free); logs the tokens per optimizer step."""
+    from ..data.packing import PackedDataset, PaddingFreeCollator, find_rope_index, pad_share
+
+    lengths = train_ds.lengths or []
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    mean = sum(lengths) / max(1, len(lengths))
+    if data.packing or data.padding_free:
+        # Liger's fused linear cross-entropy never materialises the logits: nothing to gain from keeping a few.
+        keep = accepts_logits_to_keep(model) and not args.use_liger_kernel
+        collator = PaddingFreeCollator(processor, data.loss_scale, rope_index=find_rope_index(model),
+                                       keep_trained_logits=keep, train_separator=data.train_separator)
+    else:
+        collator = SFTCollator(processor, data.loss_scale, logits_to_keep=accepts_logits_to_keep(model),
+                               train_separator=data.train_separator)
+    if data.packing:
+        capacity = data.packing_length or data.max_length
+        train_ds = PackedDataset(train_ds, capacity, seed=args.seed)
+        tokens = sum(train_ds.lengths) / len(train_ds) * per_step
+        logger.info("[data] packing: %d samples in %d packs of up to %d tokens (%.0f%% full, %.1f samples a pack); "
+                    "tokens per optimizer step ~%.0f (%d packs)", len(train_ds.dataset), len(train_ds), capacity,
+                    100 * train_ds.fill(), len(train_ds.dataset) / len(train_ds), tokens, per_step)
+    elif data.padding_free:
+        logger.info("[data] padding-free batches: tokens per optimizer step ~%.0f (%d samples)", mean * per_step,
+                    per_step)
+    else:
+        waste = pad_share(lengths, args.per_device_train_batch_size, args.seed)
+        logger.info("[data] padded batches: tokens per optimizer step ~%.0f (%d samples), ~%.0f%% of the batch "
+                    "is padding (--padding_free true or --packing true drops it)", mean * per_step, per_step,
+                    100 * waste)
+    return train_ds, collator
+
+
+def check_gpu_options(model_args: ModelArguments, args: SFTTrainingArguments) -> None:
+    """One line and exit status 2 when a GPU option's package is missing (instead of a traceback later)."""
+    import importlib.util
+    import sys
+
+    needs = []
+    if args.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        needs.append("--use_liger_kernel needs the liger-kernel package (pip install liger-kernel; CUDA GPUs)")
+    if (model_args.attn_impl or "").startswith("flash_attention_2") and importlib.util.find_spec("flash_attn") is None:
+        needs.append("--attn_impl flash_attention_2 needs the flash-attn package (pip install flash-attn; CUDA "
+                     "GPUs), or use --attn_impl sdpa (packing works with it too)")
+    if needs:
+        print(f"vltune sft: {'; '.join(needs)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 # ---------------------------------------------------------------------------- run
 def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArguments, args: SFTTrainingArguments,
             callbacks: list | None = None, model: torch.nn.Module | None = None, processor=None,
@@ -113,10 +164,10 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
 
     with open_run(args.output_dir, (model_args, tuner, data, args), args.seed, args.wandb_project) as out:
         path, processor, family = load_base(model_args, processor)
+        check_gpu_options(model_args, args)
         train_ds, eval_ds, report = build_datasets(data, processor, args.seed, str(out), family.coords, samples)
         model = build_model(model_args, tuner, args, path, model)
-        collator = SFTCollator(processor, data.loss_scale, logits_to_keep=accepts_logits_to_keep(model),
-                               train_separator=data.train_separator)
+        train_ds, collator = build_collation(train_ds, data, args, processor, model)
 
         # Preflight on a real batch, on the device Trainer will use.
         if not getattr(model, "is_loaded_in_4bit", False):
