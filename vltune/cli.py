@@ -15,6 +15,7 @@ COMMANDS = {
     "export": ("vltune.recipes.export", "merge a LoRA adapter into the model, or a DeepSpeed ZeRO checkpoint to fp32"),
     "eval": ("vltune.recipes.evaluate", "evaluate a model: `vltune eval grounding ...`"),
     "vla": ("vltune.recipes.vla", "train a vision-language-action policy (VLM + LSTM/MLP/GPT action head) on robot demos"),
+    "serve": ("vltune.recipes.serve", "serve a model: `vltune serve policy --policy DIR` (VLA policy, POST /act)"),
 }
 
 USAGE = """usage: vltune <command> [--help] [arguments]
