@@ -73,7 +73,7 @@ class TeeLog:
         sys.stdout = _Tee(sys.stdout, self.file)
         sys.stderr = _Tee(sys.stderr, self.file)
         for h in logger.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            if type(h) is logging.StreamHandler:  # ours only (not pytest's capture handlers)
                 h.setStream(sys.stderr)
         return self
 
@@ -82,7 +82,7 @@ class TeeLog:
             return False
         sys.stdout, sys.stderr = self.saved
         for h in logger.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            if type(h) is logging.StreamHandler:  # ours only (not pytest's capture handlers)
                 h.setStream(sys.stderr)
         self.file.close()
         return False

@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,28 +73,49 @@ class VLAResult:
 
 
 # ---------------------------------------------------------------------------- RoboVLMs JSON
-def translate_robovlms_argv(argv: list[str]) -> list[str]:
-    """If --config names a RoboVLMs JSON, map it onto our keys (logged) and point --config at the result."""
+@contextmanager
+def robovlms_argv(argv: list[str]):
+    """If --config names a RoboVLMs JSON, map it onto our keys (logged) and yield argv with --config pointing
+    at the mapped file, a temporary one that is deleted on exit; otherwise yield argv unchanged."""
     from ..vla.robovlms_config import is_robovlms_config, load_with_parents, map_robovlms
 
-    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
-        return argv
-    i = next(k for k, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
-    path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
-    if not path.endswith(".json"):
-        return argv
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not is_robovlms_config(raw):
-        return argv
+    i = next((k for k, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    path = None if i is None else argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1] if i + 1 < len(argv) else None
+    if path is None or not path.endswith(".json") or not Path(path).is_file() or \
+            not is_robovlms_config(json.loads(Path(path).read_text(encoding="utf-8"))):
+        yield argv
+        return
     ours, mapped, ignored = map_robovlms(load_with_parents(path), cuda=torch.cuda.is_available())
     logger.info("[config] %s is a RoboVLMs config; mapped:\n  %s", path, "\n  ".join(mapped))
     if ignored:
         logger.info("[config] ignored RoboVLMs keys:\n  %s", "\n  ".join(ignored))
+    for line in ignored:
+        if "dropped, because" in line:
+            logger.warning("[config] %s", line)
     fd, tmp = tempfile.mkstemp(prefix="vltune_robovlms_", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(ours, f)
-    rest = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
-    return ["--config", tmp] + rest
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(ours, f)
+        yield ["--config", tmp] + argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
+    finally:
+        os.unlink(tmp)
+
+
+@contextmanager
+def tensorboard_dir(logging_dir: str | None):
+    """--logging_dir: transformers 5 reads the TensorBoard directory from TENSORBOARD_LOGGING_DIR (restored after)."""
+    if not logging_dir:
+        yield
+        return
+    before = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(logging_dir))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = before
 
 
 # ---------------------------------------------------------------------------- data
@@ -130,13 +152,32 @@ def resolve_gripper_dims(value: str, episodes: list[Episode]) -> tuple[list[int]
     if dims is None:  # auto: the last dimension if it takes exactly two values
         dims = [a_dim - 1] if a_dim > 1 and len(np.unique(actions[:, -1])) == 2 else []
         logger.info("[policy] --gripper_dims auto -> %s", dims or "none")
-    values = []
+    values, kept = [], []
     for d in dims:
         low, high = float(actions[:, d].min()), float(actions[:, d].max())
         if low == high:
-            raise ValueError(f"gripper dimension {d} is constant ({low}) in the training data: nothing to learn; "
-                             "drop it from --gripper_dims")
+            logger.warning("[policy] gripper dimension %d is constant (%g) in the training data: it is kept constant "
+                           "instead of learnt as open/close", d, low)
+            continue
+        kept.append(d)
         values.append([low, high])
+    return kept, values
+
+
+def resolve_constant_dims(episodes: list[Episode], gripper_dims: list[int]) -> tuple[list[int], list[float]]:
+    """Action dimensions with one value in every training frame (e.g. the gripper of tasks that never grasp):
+    left out of the loss and output as that value, instead of stopping the run (normalising them would divide
+    by zero)."""
+    actions = np.concatenate([e.actions for e in episodes])
+    dims = [d for d in range(actions.shape[1]) if d not in gripper_dims and actions[:, d].min() == actions[:, d].max()]
+    values = [float(actions[0, d]) for d in dims]
+    if len(dims) == actions.shape[1]:
+        raise ValueError("every action dimension is constant in the training data: there is nothing to learn; "
+                         "check --action_key and the data")
+    if dims:
+        logger.warning("[policy] action dimension(s) %s never vary in the training data (%s): kept constant (left "
+                       "out of the loss, output as that value)", dims,
+                       ", ".join(f"dim {d} = {v:g}" for d, v in zip(dims, values)))
     return dims, values
 
 
@@ -253,7 +294,7 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
     setup_logging()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with TeeLog(out / "train.log"):
+    with TeeLog(out / "train.log"), tensorboard_dir(args.logging_dir):
         set_seed(args.seed)
         if is_main_process():
             dump_config((model_args, tuner, policy_args, data, args), out / "args.json")
@@ -264,6 +305,7 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
             tuner.freeze_vit = tuner.freeze_aligner = True
         vlm, processor, spec, lora = build_backbone(model_args, tuner, args)
         gripper_dims, gripper_values = resolve_gripper_dims(policy_args.gripper_dims, train_eps)
+        constant_dims, constant_values = resolve_constant_dims(train_eps, gripper_dims)
         s_dim = 0 if train_eps[0].state is None or not policy_args.use_state else train_eps[0].state.shape[1]
         state_idx = (parse_index_list(policy_args.state_dims, "--state_dims", s_dim) if s_dim else None)
         state_idx = list(range(s_dim)) if state_idx is None else state_idx
@@ -281,7 +323,7 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
             state_indices=state_idx, cameras=cameras, image_size=policy_args.image_size,
             use_images=policy_args.use_images, arm_loss=policy_args.arm_loss,
             arm_gripper_loss_ratio=policy_args.arm_gripper_loss_ratio, readout=policy_args.readout,
-            head_input_norm=policy_args.head_input_norm)
+            head_input_norm=policy_args.head_input_norm, constant_dims=constant_dims, constant_values=constant_values)
         normalizers = build_normalizers(config, data, train_eps)
         frames = FrameInputs(processor, config)
         if config.use_images and config.readout == "action+image":
@@ -333,6 +375,8 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
         result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
         metrics = dict(result.metrics)
         metrics["train_wall_seconds"] = round(time.time() - t0, 1)
+        if constant_dims:
+            metrics["constant_action_dims"] = dict(zip(map(str, constant_dims), constant_values))
         if eval_ds is not None:
             metrics.update(trainer.evaluate())
         model.save_pretrained(out, normalizers)
@@ -360,7 +404,10 @@ def _write_outputs(out: Path, trainer, metrics: dict, config: PolicyConfig, sour
     (out / "README.md").write_text(
         f"# vltune vla policy\n\n- backbone: `{config.backbone}` ({config.train_type})\n- data: `{source}`\n"
         f"- head: {config.action_head}, window {config.window_size}, chunk {config.fwd_pred_next_n}, action dim "
-        f"{config.action_dim}, gripper dims {config.gripper_dims or 'none'}\n- steps: {trainer.state.global_step}, "
+        f"{config.action_dim}, gripper dims {config.gripper_dims or 'none'}"
+        + (f", constant dims {dict(zip(config.constant_dims, config.constant_values))} (never vary in the data: "
+           "output as that value, not trained)" if config.constant_dims else "")
+        + f"\n- steps: {trainer.state.global_step}, "
         f"final train loss {metrics.get('train_loss')}, eval loss {metrics.get('eval_loss')}\n\n"
         "```python\nfrom vltune.vla.policy import Policy\n"
         f"policy = Policy.from_pretrained('{out}')\npolicy.reset()\naction = policy.step(images, instruction, state)\n"
@@ -372,6 +419,7 @@ def _write_outputs(out: Path, trainer, metrics: dict, config: PolicyConfig, sour
 
 def main(argv: list[str] | None = None) -> VLAResult:
     setup_logging()
-    argv = translate_robovlms_argv(list(sys.argv[1:] if argv is None else argv))
-    model_args, tuner, policy_args, data, args = parse_args(ARG_GROUPS, argv, prog="vltune vla", description=__doc__)
+    with robovlms_argv(list(sys.argv[1:] if argv is None else argv)) as argv:
+        model_args, tuner, policy_args, data, args = parse_args(ARG_GROUPS, argv, prog="vltune vla",
+                                                                description=__doc__)
     return run_vla(model_args, tuner, policy_args, data, args)

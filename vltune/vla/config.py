@@ -112,6 +112,9 @@ class VLATrainingArguments(TrainingArguments):
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute backbone activations in backward (less memory, slower; non-reentrant)."})
+    logging_dir: str | None = field(default=None, metadata={
+        "help": "Where TensorBoard event files go (default: <output_dir>/runs/<date>). RoboVLMs' log_root maps "
+                "here."})
     train_seconds: float | None = field(default=None, metadata={
         "help": "Stop training after this many seconds of wall time (a compute budget; the schedule still "
                 "follows max_steps / epochs, so set those to match)."})
@@ -145,6 +148,9 @@ class PolicyConfig:
     head_input_norm: str = "layer"  # policies saved before this option existed used LayerNorm
     image_tokens: int = 0  # image tokens per frame (all cameras), for the action+image read-out
     instruction_template: str = "What action should the robot take to {instruction}?"
+    # action dimensions that never vary in the training data: left out of the loss, output as that value
+    constant_dims: list[int] = field(default_factory=list)
+    constant_values: list[float] = field(default_factory=list)
 
     def save(self, directory: str | Path) -> None:
         Path(directory, "policy_config.json").write_text(json.dumps(asdict(self), indent=1))
@@ -162,7 +168,7 @@ class PolicyConfig:
 
     @property
     def arm_dims(self) -> list[int]:
-        return [d for d in range(self.action_dim) if d not in self.gripper_dims]
+        return [d for d in range(self.action_dim) if d not in self.gripper_dims and d not in self.constant_dims]
 
 
 def parse_index_list(value: str | list | None, what: str, limit: int) -> list[int] | None:
