@@ -21,8 +21,77 @@ def _tiny_cache(tmp_path_factory):
         os.environ["VLTUNE_CACHE"] = str(tmp_path_factory.mktemp("vltune_cache"))
     import torch
 
+    from vltune.console import setup_logging
+
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    setup_logging()  # the one process-wide handler exists before the first test, so no test "adds" it
     yield
+
+
+# ---------------------------------------------------------------------------- no test leaks global state
+# Variables that libraries legitimately set once per process (never read back by vltune to decide anything).
+_ENV_SET_BY_LIBRARIES = {
+    "TOKENIZERS_PARALLELISM",  # vltune.console.setup_logging (setdefault, before any fork)
+    "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",  # torch / OpenMP at first use
+    "CUDA_MODULE_LOADING",  # torch at first CUDA query
+    "PYTEST_CURRENT_TEST",  # pytest's own, per phase
+}
+
+
+def _ours(handler) -> bool:
+    """pytest adds and removes its own capture handlers around every phase: those are not a test's doing."""
+    return not type(handler).__module__.startswith("_pytest")
+
+
+def _global_state() -> dict:
+    import logging
+    import sys
+
+    import torch
+
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+
+        ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+        ds_config = None if ref is None else ref()
+    except ImportError:
+        ds_config = None
+    loggers = {name: logging.getLogger(name) for name in ("", "vltune", "transformers", "peft", "trl")}
+    return {
+        "sys.stdout": sys.stdout,
+        "sys.stderr": sys.stderr,
+        "os.environ": {k: v for k, v in os.environ.items() if k not in _ENV_SET_BY_LIBRARIES},
+        "torch threads": torch.get_num_threads(),
+        "torch default dtype": torch.get_default_dtype(),
+        "transformers' DeepSpeed config (HfTrainerDeepSpeedConfig weak reference)": ds_config,
+        "logging handlers": {n: [h for h in lg.handlers if _ours(h)] for n, lg in loggers.items()},
+        "logging handler streams": {n: [getattr(h, "stream", None) for h in lg.handlers if _ours(h)]
+                                    for n, lg in loggers.items()},
+        "vltune logger level": loggers["vltune"].level,
+    }
+
+
+def _describe(name: str, before, after) -> str:
+    if name == "os.environ":
+        added = sorted(set(after) - set(before))
+        removed = sorted(set(before) - set(after))
+        changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+        parts = [f"{label} {', '.join(keys)}" for label, keys in
+                 (("set", added), ("removed", removed), ("changed", changed)) if keys]
+        return f"os.environ ({'; '.join(parts)})"
+    return f"{name} ({before!r} -> {after!r})"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_global_state(request):
+    """Fail the test that leaves process-wide state changed: the next test would inherit it (issue 11)."""
+    before = _global_state()
+    yield
+    after = _global_state()
+    leaked = [_describe(k, before[k], after[k]) for k in before if before[k] != after[k]]
+    if leaked:
+        pytest.fail(f"{request.node.nodeid} left global state changed: {'; '.join(leaked)}. Restore it "
+                    "(use monkeypatch, or undo it in a finally block).", pytrace=False)
 
 
 @pytest.fixture(scope="session")

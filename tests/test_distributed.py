@@ -24,10 +24,11 @@ STEPS = 4
 
 
 # ---------------------------------------------------------------------------- --deepspeed presets
+@needs_deepspeed  # transformers fills the "auto" values only with deepspeed installed
 @pytest.mark.parametrize("preset", list(DEEPSPEED_PRESETS))
 def test_presets_leave_every_training_value_to_the_command_line(preset):
     from transformers import TrainingArguments
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
 
     config = deepspeed_config(preset)
     zero = config["zero_optimization"]
@@ -39,15 +40,21 @@ def test_presets_leave_every_training_value_to_the_command_line(preset):
     # transformers fills the "auto" entries from TrainingArguments; nothing may be left "auto" or mismatch
     args = TrainingArguments(output_dir="unused", per_device_train_batch_size=3, gradient_accumulation_steps=4,
                              max_grad_norm=0.5, learning_rate=2e-5, weight_decay=0.1, use_cpu=True, report_to=[])
-    hf = HfTrainerDeepSpeedConfig(config)
-    hf.trainer_config_process(args)
-    filled = hf.config
+    # Building it sets transformers' module-level weak reference to the DeepSpeed config; without deepspeed
+    # installed every later from_pretrained in this process would then fail in is_deepspeed_zero3_enabled().
+    try:
+        hf = HfTrainerDeepSpeedConfig(config)
+        hf.trainer_config_process(args)
+        filled = hf.config
+        mismatches = list(hf.mismatches)
+    finally:
+        unset_hf_deepspeed_config()
     assert filled["train_micro_batch_size_per_gpu"] == 3 and filled["gradient_accumulation_steps"] == 4
     assert filled["train_batch_size"] == 3 * 4 * args.world_size and filled["gradient_clipping"] == 0.5
     assert filled["bf16"]["enabled"] is False and filled["fp16"]["enabled"] is False
     if "optimizer" in filled:
         assert filled["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1}
-    assert not hf.mismatches
+    assert not mismatches
     assert config["train_batch_size"] == "auto", "the builder must return a fresh dict each time"
 
 

@@ -127,18 +127,18 @@ def personalised(tmp_path_factory, tiny_path):
     import vltune.models.inference as inference
 
     original = inference.load_model
-    inference.load_model = lambda *a, **k: calls.append(a[0]) or original(*a, **k)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        summary = personalize_main([
-            "--base", tiny_path(), "--dataset", str(data), "--users", "1-2", "--output_dir", str(root / "out"),
-            "--max_steps", "120", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-            "--lora_dropout", "0", "--per_device_train_batch_size", "2", "--report_to", "none",
-            "--save_strategy", "no", "--logging_steps", "40", "--gradient_checkpointing", "false"])
-    finally:
-        inference.load_model = original
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as mp:  # module-scoped fixture: the function-scoped monkeypatch is not here
+        mp.setattr(inference, "load_model", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
+        torch.set_num_threads(1)
+        try:
+            summary = personalize_main([
+                "--base", tiny_path(), "--dataset", str(data), "--users", "1-2", "--output_dir", str(root / "out"),
+                "--max_steps", "120", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+                "--lora_dropout", "0", "--per_device_train_batch_size", "2", "--report_to", "none",
+                "--save_strategy", "no", "--logging_steps", "40", "--gradient_checkpointing", "false"])
+        finally:
+            torch.set_num_threads(threads)
     return {"root": root, "data": str(data), "out": root / "out", "summary": summary, "loads": calls}
 
 

@@ -11,7 +11,6 @@ import threading
 import numpy as np
 import pytest
 import requests
-import torch
 
 from vltune.vla.data.synthetic import make_dataset, make_episodes
 
@@ -35,7 +34,6 @@ def served(policy_dir):
     from vltune.vla.policy import Policy
     from vltune.vla.server import ServerSettings, create_app, running_server
 
-    torch.set_num_threads(1)
     app = create_app(Policy.from_pretrained(policy_dir), ServerSettings(max_body_bytes=MAX_BODY))
     with running_server(app) as url:
         yield url, app

@@ -6,6 +6,7 @@ Skipped where metaworld/mujoco are not installed or no GL backend renders (CPU: 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,25 +14,30 @@ import pytest
 
 @pytest.fixture(scope="module")
 def metaworld_env():
-    from vltune.vla.metaworld_env import setup_headless_gl
+    from vltune.vla.metaworld_env import require_metaworld, setup_headless_gl
 
-    setup_headless_gl()  # before mujoco is imported: it picks its GL backend once
-    try:  # without libosmesa6, importing mujoco under MUJOCO_GL=osmesa raises AttributeError, not ImportError
-        import metaworld  # noqa: F401
-        import mujoco  # noqa: F401
-    except Exception as e:
-        pytest.skip(f"Meta-World/MuJoCo not importable here ({type(e).__name__}: {e}); pip install -e '.[vla]' "
-                    "and apt-get install libosmesa6")
-    from vltune.vla.metaworld_env import MetaWorldEnv
+    with pytest.MonkeyPatch.context() as mp:  # the GL variables must not outlive this module
+        for name in ("MUJOCO_GL", "PYOPENGL_PLATFORM"):
+            if name in os.environ:
+                mp.setenv(name, os.environ[name])
+            else:
+                mp.delenv(name, raising=False)
+        setup_headless_gl()  # before mujoco is imported: it picks its GL backend once
+        try:
+            require_metaworld()
+        except ImportError as e:  # not installed, or no GL library (libosmesa6) for CPU rendering
+            pytest.skip(str(e))
+        from vltune.vla.metaworld_env import MetaWorldEnv
 
-    try:
-        env = MetaWorldEnv("reach-v3", ("topview",), 64)
-        env.reset(0)
-        frame = env.render()["topview"]
-    except Exception as e:  # no GL backend (libosmesa6 missing), ...
-        pytest.skip(f"Meta-World rendering unavailable here: {e}")
-    assert frame.shape == (64, 64, 3) and frame.std() > 0
-    return env
+        try:
+            env = MetaWorldEnv("reach-v3", ("topview",), 64)
+            env.reset(0)
+            frame = env.render()["topview"]
+        except Exception as e:  # a GL backend that imports but does not render
+            pytest.skip(f"Meta-World rendering unavailable here: {e}")
+        assert frame.shape == (64, 64, 3) and frame.std() > 0
+        yield env
+        env.close()
 
 
 def test_fresh_position_per_seed_not_the_mt1_fifty(metaworld_env):

@@ -10,16 +10,36 @@ from pathlib import Path
 logger = logging.getLogger("vltune")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever `sys.stderr` is when a record is emitted.
+
+    A plain `StreamHandler(sys.stderr)` keeps the stream object it was built with: a later swap of
+    `sys.stderr` (TeeLog, pytest's capture, a caller's redirect) would not reach it, and restoring it by hand
+    is what used to leave a handler pointing at a dead stream. Reading `sys.stderr` at emit time needs no
+    restoring at all (the same idea as `logging.lastResort`)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the current sys.stderr always wins
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    if getattr(setup_logging, "_done", False):
+    """Give the `vltune` logger its console handler (once per process)."""
+    if any(isinstance(h, _CurrentStderrHandler) for h in logger.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(level if is_main_process() else logging.WARNING)
     logger.propagate = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    setup_logging._done = True  # type: ignore[attr-defined]
 
 
 def is_main_process() -> bool:
@@ -59,30 +79,45 @@ class _Tee:
 
 
 class TeeLog:
-    """Context manager: copy stdout, stderr and the vltune logger into `path` (main process only)."""
+    """Context manager: copy stdout, stderr and the vltune logger into `path` (main process only).
+
+    It puts back exactly what it replaced, whatever happens inside: on an exception, when nested (the inner
+    one restores the outer one's tee), and when someone else swapped a stream meanwhile (that stream is left
+    to its owner, only our own tee is taken out). The logger needs nothing: its handler writes to the
+    current `sys.stderr`."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._tees: dict[str, _Tee] = {}
 
     def __enter__(self):
         if not is_main_process():
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a", encoding="utf-8")
-        self.saved = (sys.stdout, sys.stderr)
-        sys.stdout = _Tee(sys.stdout, self.file)
-        sys.stderr = _Tee(sys.stderr, self.file)
-        for h in logger.handlers:
-            if type(h) is logging.StreamHandler:  # ours only (not pytest's capture handlers)
-                h.setStream(sys.stderr)
+        for name in ("stdout", "stderr"):
+            self._tees[name] = _Tee(getattr(sys, name), self.file)
+            setattr(sys, name, self._tees[name])
         return self
 
     def __exit__(self, *exc):
-        if not is_main_process():
-            return False
-        sys.stdout, sys.stderr = self.saved
-        for h in logger.handlers:
-            if type(h) is logging.StreamHandler:  # ours only (not pytest's capture handlers)
-                h.setStream(sys.stderr)
-        self.file.close()
+        for name, tee in self._tees.items():
+            if getattr(sys, name) is tee:
+                setattr(sys, name, tee.stream)
+            else:  # swapped by someone else meanwhile: theirs stays, and our tee stops writing to the file
+                tee.file = _Closed()
+        self._tees.clear()
+        if getattr(self, "file", None) is not None:
+            self.file.close()
+            self.file = None
         return False
+
+
+class _Closed:
+    """Stands in for the log file of a TeeLog that has ended."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass

@@ -24,6 +24,7 @@ import torch
 
 from ..config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
 from ..console import setup_logging
+from ..hardware import torch_threads
 
 logger = logging.getLogger("vltune")
 
@@ -64,8 +65,6 @@ def run_demo(d: DemoArguments) -> dict:
     from .sft import run_sft
 
     setup_logging()
-    if d.threads:
-        torch.set_num_threads(d.threads)
     out = Path(d.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -148,4 +147,5 @@ def run_demo(d: DemoArguments) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     (d,) = parse_args((DemoArguments,), argv, prog="vltune demo", description=__doc__)
-    return run_demo(d)
+    with torch_threads(d.threads):  # the caller's own setting comes back afterwards
+        return run_demo(d)

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..config import parse_args
 from ..console import setup_logging
+from ..hardware import torch_threads
 
 logger = logging.getLogger("vltune")
 
@@ -179,12 +180,9 @@ def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: 
 
 
 def run_eval(a: VLAEvalArguments) -> dict:
-    import torch
-
     from ..vla.policy import Policy
 
     setup_logging()
-    torch.set_num_threads(a.threads)
     out = Path(a.output_dir or (Path(a.policy) / "eval" if not a.policy_server else "output/eval_server"))
     out.mkdir(parents=True, exist_ok=True)
     client = None
@@ -260,4 +258,5 @@ def _markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     (a,) = parse_args((VLAEvalArguments,), argv, prog="vltune eval vla", description=__doc__)
-    return run_eval(a)
+    with torch_threads(a.threads):  # the caller's own setting comes back afterwards
+        return run_eval(a)

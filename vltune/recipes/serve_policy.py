@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..config import parse_args
 from ..console import setup_logging
+from ..hardware import torch_threads
 
 logger = logging.getLogger("vltune")
 SMOKE_POLICY = "output/vla"  # where `vltune vla --max_steps 20` (the offline smoke run) writes its policy
@@ -57,8 +58,6 @@ def _fail(message: str) -> None:
 
 def build(a: PolicyServeArguments):
     """(app, policy directory) for these arguments; user mistakes exit 2 with one line."""
-    import torch
-
     from ..config import detect_device
     from ..vla.policy import Policy
     from ..vla.server import ServerSettings, create_app
@@ -71,7 +70,6 @@ def build(a: PolicyServeArguments):
         _fail(f"--policy {directory}: no policy_config.json there; pass a `vltune vla` output or checkpoint directory")
     if a.max_batch < 1 or a.max_sessions < 1 or a.max_body_mb <= 0:
         _fail("--max_batch, --max_sessions and --max_body_mb must be positive")
-    torch.set_num_threads(max(1, a.threads))
     policy = Policy.from_pretrained(directory, device=detect_device(a.device))
     settings = ServerSettings(api_key=a.api_key or os.environ.get("VLTUNE_API_KEY") or None, max_batch=a.max_batch,
                               batch_wait_ms=a.batch_wait_ms, max_sessions=a.max_sessions,
@@ -80,12 +78,17 @@ def build(a: PolicyServeArguments):
 
 
 def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    (a,) = parse_args((PolicyServeArguments,), argv, prog="vltune serve policy", description=__doc__)
+    with torch_threads(max(1, a.threads)):  # the caller's setting comes back when the server stops
+        serve(a)
+
+
+def serve(a: PolicyServeArguments) -> None:
     import uvicorn
 
     from ..vla.server import bound_socket
 
-    setup_logging()
-    (a,) = parse_args((PolicyServeArguments,), argv, prog="vltune serve policy", description=__doc__)
     app, directory, settings = build(a)
     cfg = app.state.policy.config
     logger.info("[serve] %s: cameras %s, state %s, chunk %d x %d actions; http://%s:%d/act (json-numpy | msgpack), "

@@ -43,6 +43,10 @@ def setup_headless_gl() -> None:
 
 
 def require_metaworld():
+    """Import metaworld + mujoco, or raise ImportError saying what to install.
+
+    Without a GL library, `import mujoco` under MUJOCO_GL=osmesa fails inside PyOpenGL with an AttributeError
+    (`'NoneType' object has no attribute 'glGetError'`), not an ImportError: it is turned into one here."""
     try:
         import metaworld  # noqa: F401
         import mujoco  # noqa: F401
@@ -50,6 +54,10 @@ def require_metaworld():
         raise ImportError(
             f"Meta-World is not installed ({e}). Install the VLA extra: pip install -e '.[vla]' "
             "(metaworld, mujoco, gymnasium); for CPU rendering also `apt-get install -y libosmesa6`") from e
+    except AttributeError as e:
+        raise ImportError(
+            f"MuJoCo could not load its OpenGL backend (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: {e}). On a "
+            "machine without a display install Debian's OSMesa: apt-get install -y libosmesa6") from e
 
 
 def expert_policy(task: str):
