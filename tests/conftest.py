@@ -1,18 +1,15 @@
-"""Shared fixtures: embedded tiny models (built once per session, offline) and small data sets."""
+"""Shared fixtures: embedded tiny models (built once per session, offline) and small data sets. Plain helper
+functions live in tests/helpers.py (import them from there, never from this file)."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "idefics3")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -114,22 +111,6 @@ def processor_for():
         return cache[family]
 
     return get
-
-
-def write_image(path: Path, color=(200, 30, 30), size=(64, 64)) -> str:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return str(path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
 
 
 @pytest.fixture

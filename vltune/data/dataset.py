@@ -20,9 +20,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import DataError, SampleTooLong
-from .formats import Sample
+from .formats import Sample, message_text
 from .images import image_size, load_image
-from .template import IGNORE_INDEX, labels_from_spans, padded_on, render
+from ..padding import padded_on
+from .template import IGNORE_INDEX, labels_from_spans, render
 
 logger = logging.getLogger("vltune")
 
@@ -63,7 +64,7 @@ def check_sample(sample: Sample, processor, estimator: LengthEstimator, max_leng
     if "assistant" not in roles:
         raise DataError("no assistant turn to train on", sample.where, "no trainable tokens")
     for i, m in enumerate(sample.messages):
-        if m["role"] == "assistant" and not "".join(p.get("text", "") for p in m["content"]).strip():
+        if m["role"] == "assistant" and not message_text(m).strip():
             raise DataError(f"assistant message {i} is empty", sample.where, "empty assistant turn")
     rendered = render(sample, processor, loss_scale)
     if not rendered.spans:

@@ -51,6 +51,46 @@ class Sample:
     def num_image_parts(self) -> int:
         return sum(1 for m in self.messages for p in m["content"] if p["type"] == "image")
 
+    # One place for "the prompt", "the answer" and "the instruction" of a conversation: generation, GRPO prompts,
+    # evaluation reports and batch inference all read them through these.
+    @property
+    def final_answer(self) -> str | None:
+        """The text of the final assistant turn, or None when the conversation ends on another role."""
+        last = self.messages[-1] if self.messages else None
+        return message_text(last) if last is not None and last["role"] == "assistant" else None
+
+    def prompt_only(self) -> "Sample":
+        """The conversation without its final assistant turn (what a model is asked to continue)."""
+        messages = self.messages[:-1] if self.final_answer is not None else list(self.messages)
+        return Sample(messages=list(messages), images=self.images, where=self.where, extra=self.extra)
+
+    def instruction(self, image_tag: str = "") -> str:
+        """The text of the last user turn of the prompt (image parts written as `image_tag`)."""
+        users = [m for m in self.prompt_only().messages if m["role"] == "user"]
+        return message_text(users[-1], image_tag) if users else ""
+
+
+def message_text(message: dict, image_tag: str = "") -> str:
+    """The text of one canonical message: its text parts joined, each image part written as `image_tag`."""
+    return "".join(p.get("text", "") if p["type"] == "text" else image_tag for p in message["content"])
+
+
+def target_of(sample: Sample) -> dict:
+    """Ground truth of a grounding sample: {"box": [x1, y1, x2, y2] px, "point": [x, y] px, "size": [w, h]}.
+
+    Read from `extra["target"]` (vltune's synthetic data) or ms-swift's `objects.bbox` (pixels, bbox_type real).
+    """
+    if "target" in sample.extra:
+        return sample.extra["target"]
+    objects = sample.extra.get("objects") or {}
+    boxes = objects.get("bbox") or []
+    if boxes:
+        b = boxes[0]
+        if len(b) == 2:
+            return {"point": list(b), "box": None}
+        return {"box": list(b), "point": [(b[0] + b[2]) / 2, (b[1] + b[3]) / 2]}
+    raise ValueError(f"{sample.where}: no grounding target (extra 'target' or 'objects.bbox')")
+
 
 # ---------------------------------------------------------------- row normalisation
 def _split_image_tags(text: str) -> list[dict]:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .synthetic import COLORS, _draw_shape
+from ..boards import COLORS, draw_shape
 
 # Three categories x two apps; a user prefers one app per category. Each app has its own colour (the
 # six colours the tiny model's vision tower was pretrained to read) and its category's glyph.
@@ -109,7 +109,7 @@ def render_screen(rng: random.Random, apps: list[str], width: int, height: int, 
         half = min(cw, ch) * scale / 2
         box = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
         color, glyph = APP_LOOKS[app]
-        _draw_shape(draw, glyph, box, COLORS[color])
+        draw_shape(draw, glyph, box, COLORS[color])
         tw = draw.textlength(app, font=font)
         draw.text((cx - tw / 2, box[3] + 2), app, fill=(70, 70, 70), font=font)
         boxes[app] = [box[0], box[1], box[2], box[3] + 2 + label_px]  # the tappable area: icon + label
@@ -156,9 +156,9 @@ def make_gui_set(out_dir: str | Path, train_users: str = SEEDS_SPLIT["train_user
 
     `samples_per_user` rows per user go to train.jsonl (for test users: their adaptation data), and
     `test_per_user` held-out rows per *test* user go to test.jsonl, on screens never used in training.
-    `convention`/`processor` give the answer coordinates of the model family (see vltune/eval/coords.py).
+    `convention`/`processor` give the answer coordinates of the model family (see vltune/coords.py).
     """
-    from ..eval.coords import format_click, to_model_coords
+    from ..coords import format_click, to_model_coords
     from .formats import parse_users
 
     out = Path(out_dir)

@@ -14,11 +14,10 @@ the loss covers exactly the assistant text + its end token, whatever the family.
 from __future__ import annotations
 
 import bisect
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import DataError
-from .formats import Sample
+from .formats import Sample, message_text
 
 IGNORE_INDEX = -100
 END_OF_TURN_CANDIDATES = ("<|im_end|>", "<end_of_utterance>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
@@ -81,7 +80,7 @@ def render(sample: Sample, processor, loss_scale: str = "default", add_generatio
         chunk = templated[pos:at]
         text.append(chunk)
         out_len += len(chunk)
-        content = "".join(p.get("text", "") for p in m["content"] if p["type"] == "text")
+        content = message_text(m)
         start = out_len
         text.append(content)
         out_len += len(content)
@@ -100,23 +99,9 @@ def render(sample: Sample, processor, loss_scale: str = "default", add_generatio
     return Rendered("".join(text), spans)
 
 
-@contextmanager
-def padded_on(processor, side: str):
-    """Pad the processor's tokenizer on `side` ("left" | "right") inside the block; restore it afterwards."""
-    tok = getattr(processor, "tokenizer", processor)
-    before, tok.padding_side = tok.padding_side, side
-    try:
-        yield tok
-    finally:
-        tok.padding_side = before
-
-
 def prompt_text(sample: Sample, processor) -> str:
     """The generation prompt: the conversation up to (without) its final assistant turn."""
-    messages = list(sample.messages)
-    if messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    msgs = [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in messages]
+    msgs = [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in sample.prompt_only().messages]
     return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 

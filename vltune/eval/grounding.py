@@ -1,63 +1,13 @@
-"""Grounding evaluation: generate answers, parse clicks, score them against target boxes."""
+"""Grounding scores: parse clicks, score them against target boxes, and sum them up per user and per kind."""
 
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 
-import torch
-from tqdm.auto import tqdm
-
-from ..data.formats import Sample
+from ..coords import from_model_coords, parse_click
+from ..data.formats import Sample, target_of
 from ..data.images import load_image
-from ..data.template import padded_on, prompt_text
-from .coords import from_model_coords, parse_click
-
-
-@torch.no_grad()
-def generate_answers(model, processor, samples: list[Sample], batch_size: int = 16, max_new_tokens: int = 32,
-                     desc: str = "generating", **generate_kwargs) -> list[str]:
-    """Greedy (by default) answers to each sample's prompt (the conversation without its last assistant turn)."""
-    tok = processor.tokenizer
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id, **generate_kwargs}
-    if not gen.get("do_sample"):
-        gen.update(temperature=None, top_p=None, top_k=None)
-    answers: list[str] = []
-    try:
-        with padded_on(processor, "left"):
-            for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False,
-                          disable=len(samples) <= batch_size):
-                chunk = samples[i:i + batch_size]
-                texts = [prompt_text(s, processor) for s in chunk]
-                images = [load_image(r) for s in chunk for r in s.images]
-                inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt",
-                                   add_special_tokens=False).to(device)
-                out = model.generate(**inputs, **gen)
-                new = out[:, inputs["input_ids"].shape[1]:]
-                answers.extend(tok.batch_decode(new, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return answers
-
-
-def target_of(sample: Sample) -> dict:
-    """Ground truth of a grounding sample: {"box": [x1, y1, x2, y2] px, "point": [x, y] px, "size": [w, h]}.
-
-    Read from `extra["target"]` (vltune's synthetic data) or ms-swift's `objects.bbox` (pixels, bbox_type real).
-    """
-    if "target" in sample.extra:
-        return sample.extra["target"]
-    objects = sample.extra.get("objects") or {}
-    boxes = objects.get("bbox") or []
-    if boxes:
-        b = boxes[0]
-        if len(b) == 2:
-            return {"point": list(b), "box": None}
-        return {"box": list(b), "point": [(b[0] + b[2]) / 2, (b[1] + b[3]) / 2]}
-    raise ValueError(f"{sample.where}: no grounding target (extra 'target' or 'objects.bbox')")
 
 
 def score_clicks(samples: list[Sample], answers: list[str], convention: str, processor=None) -> dict:
@@ -94,3 +44,42 @@ def constant_answer_baseline(train: list[Sample], test: list[Sample], convention
     best, _ = answers.most_common(1)[0]
     scored = score_clicks(test, [best] * len(test), convention, processor)
     return {"answer": best, "click_accuracy": scored["click_accuracy"]}
+
+
+def summarize(records: list[dict]) -> dict:
+    """{n, click_accuracy, mean_distance_px, unparseable_rate} over per-sample records."""
+    n = len(records)
+    dists = [r["distance_px"] for r in records if r["distance_px"] is not None]
+    return {
+        "n": n,
+        "click_accuracy": sum(r["ok"] for r in records) / n if n else None,
+        "mean_distance_px": sum(dists) / len(dists) if dists else None,
+        "unparseable_rate": sum(r["pred"] is None for r in records) / n if n else None,
+    }
+
+
+def _user_key(user) -> tuple:
+    """Numeric user ids in numeric order (2 before 10), anything else after them."""
+    try:
+        return (0, int(user), "")
+    except (TypeError, ValueError):
+        return (1, 0, str(user))
+
+
+def breakdown(records: list[dict]) -> dict:
+    """Overall, per user and per instruction kind."""
+    by_user, by_kind = defaultdict(list), defaultdict(list)
+    for r in records:
+        by_user[r["user"]].append(r)
+        if r.get("kind") is not None:
+            by_kind[r["kind"]].append(r)
+    return {"overall": summarize(records),
+            "per_user": {str(u): summarize(rs) for u, rs in sorted(by_user.items(), key=lambda kv: _user_key(kv[0]))},
+            "per_kind": {k: summarize(rs) for k, rs in sorted(by_kind.items())}}
+
+
+def score_samples(samples, answers, convention: str, processor) -> list[dict]:
+    """score_clicks' per-sample records plus the user, the instruction kind and the target."""
+    scored = score_clicks(samples, answers, convention, processor)["per_sample"]
+    return [{**r, "user": s.extra.get("user"), "kind": s.extra.get("kind"), "target": target_of(s)}
+            for s, r in zip(samples, scored)]

@@ -17,7 +17,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import ModelArguments
+from .config import ModelArguments
 from .load import base_of_adapter
 
 logger = logging.getLogger("vltune")
@@ -64,14 +64,6 @@ def find_user_adapters(directory: str | Path) -> dict[int, Path]:
         raise SystemExit(f"--per_user_adapters {directory}: no user_<id>/adapter_config.json found there "
                          f"(give the --output_dir of `vltune personalize`)")
     return found
-
-
-def indices_by_user(samples) -> dict:
-    """{user (the `user` column, None without one): indices of their samples}, in order of first appearance."""
-    groups: dict = {}
-    for i, s in enumerate(samples):
-        groups.setdefault(s.extra.get("user"), []).append(i)
-    return groups
 
 
 class UserAdapters:

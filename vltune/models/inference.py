@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..config import ModelArguments
+from .config import ModelArguments
 from .load import load_model, load_processor, resolve_model_path, set_pixel_bounds
 
 logger = logging.getLogger("vltune")

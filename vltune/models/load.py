@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from ..config import ModelArguments, detect_device, resolve_dtype
+from ..hardware import detect_device, resolve_dtype
+from .config import ModelArguments
 from .families import ModelFamily, family_for_model_type, part_of
 from .tiny import tiny_model_path
 

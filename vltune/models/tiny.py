@@ -295,7 +295,7 @@ def pretrain_vision(model, processor, steps: int = 300, batch_size: int = 32, se
     shapes. The language model is untouched (random); instructions, the answer format and the click
     coordinates are all left to SFT.
     """
-    from ..data.synthetic import COLORS, render_board
+    from ..boards import COLORS, render_board
 
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)

@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 
-from ..config import TunerArguments
+from .config import TunerArguments
 from .families import PARTS, part_of
 
 logger = logging.getLogger("vltune")
@@ -65,7 +65,7 @@ def apply_tuner(model: nn.Module, args: TunerArguments, gradient_checkpointing: 
     if args.train_type not in ("lora", "qlora", "full"):
         raise ValueError(f"--train_type must be lora, qlora or full, got {args.train_type!r}")
     if args.train_type == "full":
-        if args.adapters:
+        if args.init_adapter:
             raise ValueError("--adapters continues a LoRA adapter; it cannot be combined with --train_type full")
         for name, p in model.named_parameters():
             p.requires_grad_(part_of(name) not in frozen)
@@ -82,9 +82,9 @@ def apply_tuner(model: nn.Module, args: TunerArguments, gradient_checkpointing: 
         for p in model.parameters():
             if p.dtype in (torch.float16, torch.bfloat16) and p.ndim == 1:
                 p.data = p.data.float()
-    if args.adapters:
-        model = PeftModel.from_pretrained(model, args.adapters, is_trainable=True)
-        logger.info("[tuner] continuing LoRA adapter %s", args.adapters)
+    if args.init_adapter:
+        model = PeftModel.from_pretrained(model, args.init_adapter, is_trainable=True)
+        logger.info("[tuner] continuing LoRA adapter %s", args.init_adapter)
     else:
         config = LoraConfig(
             r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,

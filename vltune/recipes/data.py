@@ -4,7 +4,7 @@
     vltune data check --dataset a.jsonl --dataset b.jsonl --model_family qwen2_5_vl --max_pixels 1003520
     vltune data check --dataset users/ --allow_pickle true --users 11-83 --report check.json
     vltune data synth gui --out data/gui                  # 83 synthetic users: train 11-83, test 1-10 (seeds/04)
-    vltune data synth gui --users 20 --test_users 1-4 --samples_per_user 100 --out data/gui_small
+    vltune data synth gui --num_users 20 --test_users 1-4 --samples_per_user 100 --out data/gui_small
 
 `check` runs, on every sample, the checks `vltune sft` runs before its first step (missing or corrupt
 images, `<image>` tags vs images, empty assistant turns, nothing to train after masking, over
@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ModelArguments, parse_args
+from ..args import ModelArguments, parse_args
 from ..console import setup_logging
 
 logger = logging.getLogger("vltune")
@@ -84,11 +84,15 @@ def check(argv: list[str]) -> int:
 
 @dataclass
 class SynthGUIArguments:
+    renamed_flags = {"users": "num_users"}  # old spelling -> name (vltune/args.py prints a notice)
+
     out: str = field(default="data/gui", metadata={"help": "Output directory (JSONL, per-user pickles, images)."})
     preset: str | None = field(default=None, metadata={
         "help": "seeds_small: seeds/04's split (train users 11-83, test users 1-10) at 300 + 100 samples per user "
                 "(the defaults); smoke: 6 users, 20 samples each (tests). Flags given explicitly win."})
-    users: int = field(default=83, metadata={"help": "Number of users, ids 1..N; those not in --test_users train."})
+    num_users: int = field(default=83, metadata={
+        "help": "Number of users, ids 1..N; those not in --test_users train. Was --users, which elsewhere selects "
+                "user ids."})
     test_users: str = field(default="1-10", metadata={"help": "Held-out users (personalisation and evaluation)."})
     samples_per_user: int = field(default=300, metadata={
         "help": "Rows per user in train.jsonl (for test users: their own adaptation data)."})
@@ -111,8 +115,8 @@ class SynthGUIArguments:
 
 
 SYNTH_PRESETS = {
-    "seeds_small": {"users": 83, "test_users": "1-10", "samples_per_user": 300, "test_per_user": 100},
-    "smoke": {"users": 6, "test_users": "1-2", "samples_per_user": 20, "test_per_user": 8},
+    "seeds_small": {"num_users": 83, "test_users": "1-10", "samples_per_user": 300, "test_per_user": 100},
+    "smoke": {"num_users": 6, "test_users": "1-2", "samples_per_user": 20, "test_per_user": 8},
 }
 
 
@@ -140,18 +144,19 @@ def synth(argv: list[str]) -> int:
         if args.preset not in SYNTH_PRESETS:
             raise SystemExit(f"vltune data synth gui: unknown --preset {args.preset!r}; choose {', '.join(SYNTH_PRESETS)}")
         given = {a.split("=")[0].lstrip("-") for a in argv[1:] if a.startswith("--")}
+        given |= {"num_users"} if "users" in given else set()  # the old spelling counts as given too
         for k, v in SYNTH_PRESETS[args.preset].items():
             if k not in given:
                 setattr(args, k, v)
     test = parse_users(args.test_users) or set()
-    train = sorted(set(range(1, args.users + 1)) - test)
-    if not train or not test or max(test) > args.users:
+    train = sorted(set(range(1, args.num_users + 1)) - test)
+    if not train or not test or max(test) > args.num_users:
         raise SystemExit(f"vltune data synth gui: --test_users {args.test_users} must be a non-empty subset of "
-                         f"1..{args.users} that leaves training users")
+                         f"1..{args.num_users} that leaves training users")
     family = FAMILIES[args.model_family]
     processor = None
     if family.coords == "abs_resized":
-        from ..config import ModelArguments
+        from ..args import ModelArguments
         from ..models.load import load_processor, resolve_model_path
 
         path = resolve_model_path(ModelArguments(model=args.model, model_family=args.model_family))

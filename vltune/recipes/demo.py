@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
 from ..console import setup_logging
 from ..hardware import torch_threads
 
@@ -55,14 +55,14 @@ class DemoArguments:
 def run_demo(d: DemoArguments) -> dict:
     from ..data.formats import read_dataset
     from ..data.synthetic import make_grounding_set
-    from ..eval.coords import from_model_coords, parse_click
-    from ..eval.grounding import constant_answer_baseline, generate_answers, score_clicks
+    from ..eval.grounding import constant_answer_baseline, score_clicks
+    from ..generation import generate_answers
     from ..eval.plots import plot_clicks
     from ..models.families import FAMILIES
     from ..models.load import load_model, load_processor
     from ..models.tiny import tiny_model_path, vision_cell_pixels
     from transformers import AutoConfig
-    from .sft import run_sft
+    from ..train.sft import run_sft
 
     setup_logging()
     out = Path(d.output_dir)

@@ -35,7 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..config import ModelArguments, parse_args
+from ..args import ModelArguments, parse_args
 from ..console import setup_logging
 
 logger = logging.getLogger("vltune")
@@ -63,64 +63,7 @@ class EvalGroundingArguments:
     plot_samples: int = field(default=16, metadata={"help": "Screenshots drawn per setup in clicks_<setup>.png."})
 
 
-# ---------------------------------------------------------------------------- scoring
-def summarize(records: list[dict]) -> dict:
-    """{n, click_accuracy, mean_distance_px, unparseable_rate} over per-sample records."""
-    n = len(records)
-    dists = [r["distance_px"] for r in records if r["distance_px"] is not None]
-    return {
-        "n": n,
-        "click_accuracy": sum(r["ok"] for r in records) / n if n else None,
-        "mean_distance_px": sum(dists) / len(dists) if dists else None,
-        "unparseable_rate": sum(r["pred"] is None for r in records) / n if n else None,
-    }
-
-
-def _user_key(user) -> tuple:
-    """Numeric user ids in numeric order (2 before 10), anything else after them."""
-    try:
-        return (0, int(user), "")
-    except (TypeError, ValueError):
-        return (1, 0, str(user))
-
-
-def breakdown(records: list[dict]) -> dict:
-    """Overall, per user and per instruction kind."""
-    by_user, by_kind = defaultdict(list), defaultdict(list)
-    for r in records:
-        by_user[r["user"]].append(r)
-        if r.get("kind") is not None:
-            by_kind[r["kind"]].append(r)
-    return {"overall": summarize(records),
-            "per_user": {str(u): summarize(rs) for u, rs in sorted(by_user.items(), key=lambda kv: _user_key(kv[0]))},
-            "per_kind": {k: summarize(rs) for k, rs in sorted(by_kind.items())}}
-
-
-def score_samples(samples, answers, convention: str, processor) -> list[dict]:
-    """score_clicks' per-sample records plus the user, the instruction kind and the target."""
-    from ..eval.grounding import score_clicks, target_of
-
-    scored = score_clicks(samples, answers, convention, processor)["per_sample"]
-    return [{**r, "user": s.extra.get("user"), "kind": s.extra.get("kind"), "target": target_of(s)}
-            for s, r in zip(samples, scored)]
-
-
 # ---------------------------------------------------------------------------- running setups
-def answer_by_user(samples, processor, model_for_user, args: EvalGroundingArguments, desc: str) -> list[str]:
-    """Answers in sample order, generated user by user with `model_for_user(user)` (a context manager)."""
-    from ..eval.grounding import generate_answers
-    from ..models.adapters import indices_by_user
-
-    answers: list[str | None] = [None] * len(samples)
-    for user, idx in indices_by_user(samples).items():
-        with model_for_user(user) as model:
-            got = generate_answers(model, processor, [samples[i] for i in idx], batch_size=args.batch_size,
-                                   max_new_tokens=args.max_new_tokens, desc=f"{desc} user {user}")
-        for i, a in zip(idx, got):
-            answers[i] = a
-    return answers  # type: ignore[return-value]
-
-
 def _same_model(model):
     """model_for_user for a setup without per-user adapters."""
     return lambda user: contextlib.nullcontext(model)
@@ -128,7 +71,9 @@ def _same_model(model):
 
 def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments) -> dict:
     from ..data.formats import read_dataset
-    from ..eval.grounding import target_of
+    from ..data.formats import target_of
+    from ..eval.grounding import breakdown, score_samples
+    from ..generation import answers_per_user, generate_answers
     from ..models.adapters import UserAdapters, load_global, zero_shot_model_of
     from ..models.inference import load_for_inference
     from ..models.load import model_family, resolve_model_path
@@ -165,7 +110,9 @@ def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments)
 
     def evaluate(name: str, model_for_user) -> None:
         t = time.time()
-        answers = answer_by_user(samples, processor, model_for_user, args, name)
+        answers = answers_per_user(samples, model_for_user, lambda model, part, user: generate_answers(
+            model, processor, part, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+            desc=f"{name} user {user}"))
         records = score_samples(samples, answers, convention, processor)
         predictions[name] = records
         setups[name] = {**breakdown(records), "seconds": round(time.time() - t, 1)}
@@ -254,16 +201,11 @@ def write_report(out: Path, report: dict, predictions: dict, samples, plot_sampl
         picks = _spread(records, plot_samples)
         items = [{"image": load_image(samples[i].images[0]), "box": records[i]["target"].get("box"),
                   "truth": records[i]["target"]["point"], "pred": records[i]["pred"], "ok": records[i]["ok"],
-                  "label": f"u{records[i]['user']}: {_instruction(samples[i])}"} for i in picks]
+                  "label": f"u{records[i]['user']}: {samples[i].instruction()}"} for i in picks]
         if items:
             plot_clicks(items, out / f"clicks_{slug}.png", title=f"{name}: true (green) vs predicted (red)")
             md += [f"## {name}: examples\n", f"![{name}](clicks_{slug}.png)\n"]
     (out / "report.md").write_text("\n".join(md))
-
-
-def _instruction(sample) -> str:
-    users = [m for m in sample.messages if m["role"] == "user"]
-    return "".join(p.get("text", "") for p in users[-1]["content"]) if users else ""
 
 
 def _spread(records: list[dict], k: int) -> list[int]:

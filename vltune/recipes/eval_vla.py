@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import parse_args
+from ..args import parse_args
 from ..console import setup_logging
 from ..hardware import torch_threads
 

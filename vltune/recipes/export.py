@@ -25,7 +25,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ModelArguments, parse_args
+from ..args import ModelArguments, parse_args
 from ..console import setup_logging
 
 logger = logging.getLogger("vltune")

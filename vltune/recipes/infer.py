@@ -2,10 +2,10 @@
 
     vltune infer --model Qwen/Qwen3-VL-8B-Instruct --adapters out/global_lora --image screen.png \
         --prompt "Tap the settings icon"                       # prints the answer
-    vltune infer --adapters out/global_lora --dataset test.jsonl --output preds.jsonl --batch_size 16
+    vltune infer --adapters out/global_lora --dataset test.jsonl --result_path preds.jsonl --batch_size 16
     vltune infer --image a.png --image b.png --prompt "<image>before <image>after: what changed?"
     vltune infer --adapters output/sft --image board.png --prompt "Click the red circle"   # tiny model, offline
-    vltune infer --model out/global --per_user_adapters out/personal --dataset test.jsonl --output preds.jsonl
+    vltune infer --model out/global --per_user_adapters out/personal --dataset test.jsonl --result_path preds.jsonl
     vltune infer --model out/global --per_user_adapters out/personal --user 3 --image s.png --prompt "Open my music app"
 
 Greedy decoding unless --do_sample true (then --temperature / --top_p / --top_k apply); --num_beams > 1 for
@@ -30,7 +30,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from ..config import ModelArguments, parse_args
+from ..args import ModelArguments, parse_args
 from ..console import setup_logging
 
 logger = logging.getLogger("vltune")
@@ -38,6 +38,8 @@ logger = logging.getLogger("vltune")
 
 @dataclass
 class InferArguments:
+    renamed_flags = {"output": "result_path"}  # old spelling -> name (vltune/args.py prints a notice)
+
     adapters: str | None = field(default=None, metadata={
         "help": "A LoRA adapter directory (the --output_dir of `vltune sft --train_type lora`) applied on --model."})
     per_user_adapters: str | None = field(default=None, metadata={
@@ -53,8 +55,9 @@ class InferArguments:
     dataset: list[str] = field(default_factory=list, metadata={
         "help": "Batch mode: answer every sample of these data sets (same formats as training). Each sample's "
                 "final assistant turn, if any, is dropped from the prompt and written as the reference."})
-    output: str | None = field(default=None, metadata={
-        "help": "Batch mode: JSONL file for the predictions (default: print the lines)."})
+    result_path: str | None = field(default=None, metadata={
+        "help": "Batch mode: JSONL file for the predictions (default: print the lines). Was --output, which "
+                "elsewhere is --output_dir."})
     users: str | None = field(default=None, metadata={"help": "User ids of a per-user data set, e.g. '11-83'."})
     allow_pickle: bool = field(default=False, metadata={
         "help": "Allow reading per-user .pkl files (unpickling runs code from the file: only for data you trust)."})
@@ -97,19 +100,12 @@ def prompt_sample(args: InferArguments):
     return normalize_row({"messages": messages, "images": list(args.image)}, where="--prompt")
 
 
-def _text_of(message: dict) -> str:
-    return "".join(p["text"] if p["type"] == "text" else "<image>" for p in message["content"])
-
-
 def prediction_record(sample, answer: str | None = None, error: str | None = None) -> dict:
     """One line of batch output: where, prompt (last user turn, <image> tags kept), images, answer, reference."""
-    messages = sample.messages
-    reference = _text_of(messages[-1]) if messages and messages[-1]["role"] == "assistant" else None
-    users = [m for m in (messages[:-1] if reference is not None else messages) if m["role"] == "user"]
-    record = {"where": sample.where, "prompt": _text_of(users[-1]) if users else "",
+    record = {"where": sample.where, "prompt": sample.instruction(image_tag="<image>"),
               "images": [r if isinstance(r, str) and not r.startswith("data:") else "<inline>" for r in sample.images]}
     record.update({"error": error} if error is not None else {"answer": answer})
-    record["reference"] = reference
+    record["reference"] = sample.final_answer
     return record
 
 
@@ -117,7 +113,7 @@ def answer_samples(model, processor, samples: list, args: InferArguments, gen: d
     """Yield (sample, answer, error) in order, a batch at a time; a failing batch is retried sample by sample
     so one bad image costs one answer, not the batch."""
     from ..data.errors import DataError
-    from ..eval.grounding import generate_answers
+    from ..generation import generate_answers
 
     for i in range(0, len(samples), args.batch_size):
         runnable = []
@@ -137,18 +133,6 @@ def answer_samples(model, processor, samples: list, args: InferArguments, gen: d
                     yield s, generate_answers(model, processor, [s], batch_size=1, **gen)[0], None
                 except DataError as e:
                     yield s, None, e.message
-
-
-def _answer_per_user(bank, processor, samples: list, args: InferArguments, gen: dict):
-    """answer_samples, user by user with that user's adapter active; yields in the data set's order."""
-    from ..models.adapters import indices_by_user
-
-    results: list = [None] * len(samples)
-    for user, idx in indices_by_user(samples).items():
-        with bank.use(None if user is None else int(user)) as model:
-            for i, got in zip(idx, answer_samples(model, processor, [samples[i] for i in idx], args, gen)):
-                results[i] = got
-    yield from results
 
 
 def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
@@ -174,19 +158,21 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
     if args.user is not None and not args.per_user_adapters:
         raise SystemExit("vltune infer: --user picks an adapter of --per_user_adapters; give that too")
     if args.per_user_adapters:
+        from ..generation import answers_per_user
         from ..models.adapters import UserAdapters, load_global
 
         model, processor, _ = load_global(model_args, args.adapters or model_args.model)
         bank = UserAdapters(model, args.per_user_adapters)
         if args.prompt:
             samples[0].extra["user"] = args.user
-        answered = _answer_per_user(bank, processor, samples, args, gen)
+        answered = answers_per_user(samples, lambda user: bank.use(None if user is None else int(user)),
+                                    lambda model, part, user: answer_samples(model, processor, part, args, gen))
     else:
         model, processor, _ = load_for_inference(model_args, args.adapters)
         answered = answer_samples(model, processor, samples, args, gen)
 
     records = []
-    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    out = open(args.result_path, "w", encoding="utf-8") if args.result_path else None
     try:
         for sample, answer, error in answered:
             record = prediction_record(sample, answer, error)
@@ -206,7 +192,7 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
     if args.dataset:
         failed = sum("error" in r for r in records)
         logger.info("[infer] %d answer(s)%s%s", len(records) - failed, f", {failed} failed" if failed else "",
-                    f" -> {args.output}" if args.output else "")
+                    f" -> {args.result_path}" if args.result_path else "")
     return records
 
 

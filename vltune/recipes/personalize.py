@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
+from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
 from ..console import setup_logging
 
 logger = logging.getLogger("vltune")
@@ -52,7 +52,7 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
                     args: SFTTrainingArguments, p: PersonalizeArguments) -> dict:
     from ..data.formats import parse_users, read_dataset
     from ..models.adapters import load_global
-    from .sft import run_sft
+    from ..train.sft import run_sft
 
     setup_logging()
     if tuner.train_type not in ("lora",):

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import parse_args
+from ..args import parse_args
 from ..console import setup_logging
 from ..hardware import torch_threads
 
@@ -58,7 +58,7 @@ def _fail(message: str) -> None:
 
 def build(a: PolicyServeArguments):
     """(app, policy directory) for these arguments; user mistakes exit 2 with one line."""
-    from ..config import detect_device
+    from ..hardware import detect_device
     from ..vla.policy import Policy
     from ..vla.server import ServerSettings, create_app
 

@@ -15,53 +15,34 @@ loadable with `Policy.from_pretrained(output_dir)`.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainerCallback
 
-from ..config import ModelArguments, TunerArguments, dump_config, parse_args
-from ..console import TeeLog, is_main_process, setup_logging
+from ..args import parse_args
+from ..console import setup_logging
 from ..data.splits import split_holdout
-from ..models.preflight import check_gradient_flow
+from ..models.config import ModelArguments, TunerArguments
 from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
-from ..vla.config import PolicyArguments, PolicyConfig, VLADataArguments, VLATrainingArguments, parse_index_list
+from ..train.run import log_preflight, open_run, resolve_resume, write_model_card
+from ..train.vla_config import ARG_GROUPS, PolicyArguments, VLADataArguments, VLATrainingArguments
+from ..train.vla_trainer import CSVLog, PolicyTrainer, TimeBudget, TopKCheckpoints, eval_loader
+from ..vla.config import PolicyConfig, parse_index_list
 from ..vla.data.episodes import Episode
 from ..vla.normalize import Normalizer, compute_stats
 
 logger = logging.getLogger("vltune")
 
 
-@dataclass
-class VLAModelArguments(ModelArguments):
-    tiny_size: str = field(default="s", metadata={
-        "help": "Size of the embedded tiny backbone: s (~2.5 M params, vision tower pretrained at build time; "
-                "default for policies) or xs (~0.3 M, tests)."})
-
-
-@dataclass
-class VLATunerArguments(TunerArguments):
-    train_type: str = field(default="full", metadata={
-        "help": "lora | full | frozen. full: train the backbone (RoboVLMs' full-ft); lora: adapters on the "
-                "unfrozen parts; frozen: backbone fixed, only the head (+ state encoder) trains. The head always "
-                "trains."})
-    freeze_vit: bool = field(default=False, metadata={
-        "help": "Freeze the vision tower (RoboVLMs: train_vision false). Policies usually need it trained."})
-    freeze_aligner: bool = field(default=False, metadata={"help": "Freeze the projector between vision and LLM."})
-
-
-ARG_GROUPS = (VLAModelArguments, VLATunerArguments, PolicyArguments, VLADataArguments, VLATrainingArguments)
 
 
 @dataclass
@@ -152,16 +133,14 @@ def resolve_gripper_dims(value: str, episodes: list[Episode]) -> tuple[list[int]
     if dims is None:  # auto: the last dimension if it takes exactly two values
         dims = [a_dim - 1] if a_dim > 1 and len(np.unique(actions[:, -1])) == 2 else []
         logger.info("[policy] --gripper_dims auto -> %s", dims or "none")
-    values, kept = [], []
+    values = []
     for d in dims:
         low, high = float(actions[:, d].min()), float(actions[:, d].max())
         if low == high:
-            logger.warning("[policy] gripper dimension %d is constant (%g) in the training data: it is kept constant "
-                           "instead of learnt as open/close", d, low)
-            continue
-        kept.append(d)
+            raise ValueError(f"gripper dimension {d} is constant ({low}) in the training data: nothing to learn; "
+                             "drop it from --gripper_dims")
         values.append([low, high])
-    return kept, values
+    return dims, values
 
 
 def resolve_constant_dims(episodes: list[Episode], gripper_dims: list[int]) -> tuple[list[int], list[float]]:
@@ -216,88 +195,15 @@ def build_backbone(model_args: ModelArguments, tuner: TunerArguments, args: VLAT
     return vlm, load_processor(path, model_args.max_pixels, model_args.min_pixels), spec, lora
 
 
-# ---------------------------------------------------------------------------- Lightning-era callbacks
-class TopKCheckpoints(TrainerCallback):
-    """Keep the k checkpoints with the lowest eval_loss (the k most recent without validation)."""
-
-    def __init__(self, output_dir: str, k: int):
-        self.dir, self.k, self.losses = Path(output_dir), k, {}
-
-    def on_evaluate(self, args, state, control, metrics=None, **kw):
-        if metrics and "eval_loss" in metrics:
-            self.losses[state.global_step] = float(metrics["eval_loss"])
-
-    def on_save(self, args, state, control, **kw):
-        if not state.is_world_process_zero or self.k <= 0:
-            return
-        ckpts = {int(p.name.split("-")[1]): p for p in self.dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()}
-        rank = sorted(ckpts, key=lambda s: (self.losses.get(s, float("inf")), -s)) if self.losses else \
-            sorted(ckpts, reverse=True)
-        for step in rank[self.k:]:
-            shutil.rmtree(ckpts[step], ignore_errors=True)
-        kept = [{"step": s, "eval_loss": self.losses.get(s), "path": str(ckpts[s])} for s in rank[: self.k]]
-        (self.dir / "best_checkpoints.json").write_text(json.dumps(kept, indent=1))
-
-
-class CSVLog(TrainerCallback):
-    """metrics.csv: one row per logged value (step, epoch, name, value), like Lightning's CSVLogger."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if not state.is_world_process_zero or not logs:
-            return
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["step", "epoch", "name", "value"])
-            for k, v in logs.items():
-                if isinstance(v, (int, float)):
-                    w.writerow([state.global_step, round(state.epoch or 0, 4), k, v])
-
-
-class TimeBudget(TrainerCallback):
-    """Stop (with a final save) once `seconds` of training wall time have passed."""
-
-    def __init__(self, seconds: float):
-        self.seconds, self.start = seconds, None
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.start = time.time()
-
-    def on_step_end(self, args, state, control, **kw):
-        if time.time() - self.start > self.seconds:
-            logger.info("[train] --train_seconds %.0f reached at step %d: stopping", self.seconds, state.global_step)
-            control.should_training_stop = True
-            control.should_save = True
-
-
-class PolicyTrainer(Trainer):
-    """Trainer that saves checkpoints in the policy format (loadable with Policy.from_pretrained)."""
-
-    normalizers: dict | None = None
-
-    def _save(self, output_dir=None, state_dict=None):
-        self.model.save_pretrained(output_dir or self.args.output_dir, self.normalizers)
-
-
 # ---------------------------------------------------------------------------- recipe
 def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArguments, args: VLATrainingArguments,
             callbacks: list | None = None) -> VLAResult:
-    from transformers import set_seed
-
     from ..vla.dataset import WindowCollator, WindowDataset
-    from ..vla.policy import FrameInputs, PolicyModel
+    from ..vla.frames import FrameInputs
+    from ..vla.modeling import PolicyModel, image_token_id
 
-    setup_logging()
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with TeeLog(out / "train.log"), tensorboard_dir(args.logging_dir):
-        set_seed(args.seed)
-        if is_main_process():
-            dump_config((model_args, tuner, policy_args, data, args), out / "args.json")
+    with open_run(args.output_dir, (model_args, tuner, policy_args, data, args), args.seed) as out, \
+            tensorboard_dir(args.logging_dir):
         train_eps, val_eps, source = load_episodes(data, out, args.seed)
 
         if not policy_args.use_images and not (tuner.freeze_vit and tuner.freeze_aligner):
@@ -327,8 +233,6 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
         normalizers = build_normalizers(config, data, train_eps)
         frames = FrameInputs(processor, config)
         if config.use_images and config.readout == "action+image":
-            from ..vla.policy import image_token_id
-
             config.image_tokens = frames.ids("")[0].count(image_token_id(vlm))
         model = PolicyModel(config, vlm).to(args.device)
         logger.info("[policy] %s head, window %d, chunk %d, action dim %d (gripper dims %s), state dims %s, "
@@ -346,10 +250,7 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
         eval_collator = WindowCollator(frames, config, 0)
 
         batch = collator([train_ds[i] for i in range(0, len(train_ds), max(1, len(train_ds) // 8))][:8])
-        batch = {k: v.to(args.device) for k, v in batch.items()}
-        norms = check_gradient_flow(model, batch, loss_fn=lambda m, b: m(**b)["loss"])
-        logger.info("[preflight] gradients reach every trainable group: %s",
-                    ", ".join(f"{g} |g|={v:.3g}" for g, v in norms.items()))
+        log_preflight(model, batch, args.device, loss_fn=lambda m, b: m(**b)["loss"])
 
         args.label_names = ["actions"]
         args.prediction_loss_only = True
@@ -370,9 +271,9 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
                                 data_collator=collator, callbacks=cbs)
         trainer.normalizers = normalizers
         if eval_ds is not None:
-            trainer.get_eval_dataloader = _eval_loader(trainer, eval_ds, eval_collator)
+            trainer.get_eval_dataloader = eval_loader(trainer, eval_ds, eval_collator)
         t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint))
         metrics = dict(result.metrics)
         metrics["train_wall_seconds"] = round(time.time() - t0, 1)
         if constant_dims:
@@ -386,35 +287,27 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
         return VLAResult(str(out), metrics, model, config)
 
 
-def _eval_loader(trainer, eval_ds, collator):
-    from torch.utils.data import DataLoader
-
-    def get(eval_dataset=None):
-        return DataLoader(eval_ds, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=collator)
-
-    return get
-
-
 def _write_outputs(out: Path, trainer, metrics: dict, config: PolicyConfig, source: str) -> None:
     from ..eval.plots import plot_loss_curve
 
     (out / "train_results.json").write_text(json.dumps(metrics, indent=2, default=str))
     png = plot_loss_curve(trainer.state.log_history, out / "loss.png")
     best = out / "best_checkpoints.json"
-    (out / "README.md").write_text(
-        f"# vltune vla policy\n\n- backbone: `{config.backbone}` ({config.train_type})\n- data: `{source}`\n"
-        f"- head: {config.action_head}, window {config.window_size}, chunk {config.fwd_pred_next_n}, action dim "
-        f"{config.action_dim}, gripper dims {config.gripper_dims or 'none'}"
-        + (f", constant dims {dict(zip(config.constant_dims, config.constant_values))} (never vary in the data: "
-           "output as that value, not trained)" if config.constant_dims else "")
-        + f"\n- steps: {trainer.state.global_step}, "
-        f"final train loss {metrics.get('train_loss')}, eval loss {metrics.get('eval_loss')}\n\n"
+    write_model_card(
+        out, "vltune vla policy",
+        [f"backbone: `{config.backbone}` ({config.train_type})", f"data: `{source}`",
+         f"head: {config.action_head}, window {config.window_size}, chunk {config.fwd_pred_next_n}, action dim "
+         f"{config.action_dim}, gripper dims {config.gripper_dims or 'none'}"
+         + (f", constant dims {dict(zip(config.constant_dims, config.constant_values))} (never vary in the data: "
+            "output as that value, not trained)" if config.constant_dims else ""),
+         f"steps: {trainer.state.global_step}, final train loss {metrics.get('train_loss')}, eval loss "
+         f"{metrics.get('eval_loss')}"],
         "```python\nfrom vltune.vla.policy import Policy\n"
         f"policy = Policy.from_pretrained('{out}')\npolicy.reset()\naction = policy.step(images, instruction, state)\n"
-        "```\n\nFiles: policy_config.json, normalization.json, policy.safetensors, args.json, train.log, "
+        "```\n\n",
+        "policy_config.json, normalization.json, policy.safetensors, args.json, train.log, "
         f"metrics.csv, train_results.json, runs/ (TensorBoard){', loss.png' if png else ''}"
-        f"{', best_checkpoints.json + checkpoint-N/ (best k on validation loss)' if best.exists() else ''}.\n")
-    logger.info("[done] policy saved to %s", out)
+        f"{', best_checkpoints.json + checkpoint-N/ (best k on validation loss)' if best.exists() else ''}")
 
 
 def main(argv: list[str] | None = None) -> VLAResult:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import detect_device, resolve_dtype
+from ..hardware import detect_device, resolve_dtype
 from .registry import RewardContext, completion_text
 
 logger = logging.getLogger("vltune")

@@ -1,7 +1,7 @@
 """Grounding rewards: a click inside the target box, and the IoU of a predicted box.
 
 The answer is read in the model family's coordinate convention (0-1000 relative for Qwen2/3-VL,
-pixels of the processor-resized image for Qwen2.5-VL; `vltune.eval.coords`) and converted to
+pixels of the processor-resized image for Qwen2.5-VL; `vltune.coords`) and converted to
 pixels of the original image, where the target lives. Targets come from the data set's columns,
 as for `vltune eval grounding`: `target = {"box": [x1, y1, x2, y2], "size": [w, h]}` (vltune's
 synthetic data) or ms-swift's `objects = {"bbox": [[x1, y1, x2, y2]]}` (pixels). A row without a
@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import re
 
-from ..data.formats import Sample
-from ..eval.coords import from_model_coords, parse_click
-from ..eval.grounding import target_of
+from ..coords import from_model_coords, parse_click
+from ..data.formats import Sample, target_of
 from .registry import RewardContext, completion_text
 
 NUMBER = r"-?\d+(?:\.\d+)?"

@@ -5,7 +5,7 @@ calls `set_task` with one of them on every reset (which also freezes the random 
 `reset(seed=...)` applies: held-out seeds silently repeat training positions (formats.md, "MT1 seeding
 trap"). `MetaWorldEnv` therefore resets *below* that wrapper, turns the freeze off (`_freeze_rand_vec =
 False`, `seeded_rand_vec = True`) and seeds the unwrapped env per episode, so every seed draws its own
-continuous position and train and test seeds can be kept disjoint (tests/test_vla_metaworld.py checks it).
+continuous position and train and test seeds can be kept disjoint (tests/integration/test_eval_vla.py checks it).
 
 Rendering uses our own `mujoco.Renderer` on the env's model/data with shadows and reflections off
 (~14-20 ms a frame at 96 px on CPU instead of ~80). On a machine without a display, set

@@ -9,7 +9,7 @@ from vltune.data.dataset import SFTCollator, validate_samples
 from vltune.data.formats import normalize_row
 from vltune.data.template import IGNORE_INDEX
 
-from .conftest import FAMILIES
+from tests.helpers import FAMILIES
 
 END = {"qwen3_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
 IMG = Image.new("RGB", (64, 64), (10, 200, 10))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import write_image
+from tests.helpers import write_image
 
 ANSWER = "click(500, 500)"
 

@@ -14,7 +14,7 @@ import torch
 
 from vltune.data.formats import read_dataset
 from vltune.data.synthetic_gui import APP_CATEGORY, APP_LOOKS, CATEGORIES, make_gui_set
-from vltune.eval.coords import from_model_coords, parse_click
+from vltune.coords import from_model_coords, parse_click
 
 # ---------------------------------------------------------------------------- synthetic data
 
@@ -160,7 +160,7 @@ def test_user_adapters_switch_on_one_model(personalised, tiny_path):
     disabling adapters gives the same numbers every time."""
     from peft import PeftModel
 
-    from vltune.config import ModelArguments
+    from vltune.args import ModelArguments
     from vltune.models.adapters import UserAdapters, load_global
     from vltune.models.inference import load_for_inference
 
@@ -224,7 +224,7 @@ def test_eval_grounding_compares_zero_shot_global_and_personalised(personalised,
 
 
 def test_breakdown_scores():
-    from vltune.recipes.eval_grounding import breakdown
+    from vltune.eval.grounding import breakdown
 
     recs = [{"user": 1, "kind": "habit", "pred": [1, 1], "ok": True, "distance_px": 2.0},
             {"user": 1, "kind": "explicit", "pred": None, "ok": False, "distance_px": None},
@@ -251,7 +251,7 @@ def test_gui_agents_example_personalised_beats_global_beats_zero_shot(tmp_path):
     """examples/gui_agents.sh end to end (~12 min on 2 quiet CPU cores): on the test users' held-out screens,
     personalised > global > zero-shot, and the gain comes from the habit instructions (measured: habit
     35.4% -> 46.6%, overall 61.4% -> 62.6%, zero-shot 0%; the overall margin is thin)."""
-    script = Path(__file__).parent.parent / "examples" / "gui_agents.sh"
+    script = Path(__file__).parents[2] / "examples" / "gui_agents.sh"
     proc = subprocess.run(["bash", str(script), str(tmp_path / "gui")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     setups = json.loads((tmp_path / "gui" / "eval" / "report.json").read_text())["setups"]
@@ -266,8 +266,8 @@ def test_global_model_keeps_its_training_resize(tmp_path, tiny_path):
     Qwen2.5-VL otherwise); an explicit --max_pixels still wins."""
     from transformers import AutoModelForImageTextToText
 
-    from vltune.config import ModelArguments
-    from vltune.eval.coords import resized_size
+    from vltune.args import ModelArguments
+    from vltune.coords import resized_size
     from vltune.models.adapters import load_global
     from vltune.models.load import load_processor, set_pixel_bounds
 

@@ -13,7 +13,7 @@ import torch
 
 from vltune.recipes.grpo import grpo, main as grpo_main
 
-from .conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
@@ -172,9 +172,9 @@ def test_a_broken_reward_stops_training_naming_reward_and_batch(tmp_path, plugin
 
 def test_prompts_come_from_every_sft_format(tmp_path, processor_for):
     from vltune.data.formats import read_dataset
-    from vltune.recipes.grpo import prompt_rows, rows_to_dataset
+    from vltune.train.grpo_prompts import prompt_rows, rows_to_dataset
 
-    from .conftest import write_image
+    from tests.helpers import write_image
 
     write_image(tmp_path / "a.png")
     sharegpt = tmp_path / "sharegpt.json"

@@ -1,5 +1,5 @@
 """Multi-process training on CPU (gloo): real data parallelism with torchrun, accelerate launch and DeepSpeed
-ZeRO-2, checked through the per-rank dumps of `vltune.distributed.DistributedDebugCallback`; the `--deepspeed`
+ZeRO-2, checked through the per-rank dumps of `vltune.train.debug.DistributedDebugCallback`; the `--deepspeed`
 presets; and `vltune export --deepspeed_to_fp32` on the ZeRO checkpoint such a run writes."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from vltune.config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
-from vltune.distributed import DEBUG_DIST_ENV, DEEPSPEED_PRESETS, deepspeed_config, resolve_deepspeed
+from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from vltune.distributed import DEEPSPEED_PRESETS, deepspeed_config, resolve_deepspeed
+from vltune.train.debug import DEBUG_DIST_ENV
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed "
@@ -121,6 +122,7 @@ def assert_data_parallel(proc, ranks: list[dict], out: Path, wrapper: str) -> No
     assert state["log_history"][-1]["epoch"] == pytest.approx(STEPS * 2 / 32)
 
 
+@pytest.mark.multiprocess
 def test_torchrun_two_processes_train_one_model_on_different_shards(tmp_path, tiny_path, grounding_jsonl):
     tiny_path("qwen3_vl")  # build the tiny model once, before two ranks race to build it
     proc, ranks = launch(["torchrun", "--standalone", "--nproc_per_node", "2"], tmp_path / "run", grounding_jsonl,
@@ -129,6 +131,7 @@ def test_torchrun_two_processes_train_one_model_on_different_shards(tmp_path, ti
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.multiprocess
 def test_accelerate_launch_two_processes(tmp_path, tiny_path, grounding_jsonl):
     tiny_path("qwen3_vl")
     # On a CPU-only machine accelerate needs --multi_gpu to start one process per rank through torch's
@@ -156,6 +159,7 @@ def zero2_run(request, tmp_path_factory, _tiny_cache):
     return request.param, proc, ranks, root / "run"
 
 
+@pytest.mark.multiprocess
 @needs_deepspeed
 def test_deepspeed_zero2_on_cpu(zero2_run):
     """DeepSpeed's CPU accelerator runs ZeRO-2 over gloo. The first run on a machine also JIT-compiles
@@ -165,6 +169,7 @@ def test_deepspeed_zero2_on_cpu(zero2_run):
     assert (out / f"checkpoint-{STEPS}" / "latest").read_text().strip() == f"global_step{STEPS}"
 
 
+@pytest.mark.multiprocess
 @needs_deepspeed
 def test_export_zero_checkpoint_to_fp32(zero2_run, tmp_path, tiny_path):
     """LoRA: the consolidated adapter equals the one the Trainer saved and loads with PeftModel.

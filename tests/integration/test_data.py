@@ -11,9 +11,9 @@ import pytest
 from vltune.data.check import BOX_MALFORMED, BOX_OUTSIDE, check_data, check_grounding_boxes
 from vltune.data.errors import DataError
 from vltune.data.formats import Sample
-from vltune.config import merge_repeated_flags
+from vltune.args import merge_repeated_flags
 
-from .conftest import write_image, write_jsonl
+from tests.helpers import write_image, write_jsonl
 
 
 def _row(img="a.png", text="Click the red circle", answer="click(1, 2)", **extra):

@@ -11,7 +11,7 @@ import torch
 from vltune.models.families import part_of
 from vltune.recipes.sft import main as sft_main
 
-from .conftest import FAMILIES
+from tests.helpers import FAMILIES
 
 
 def run(tmp, *extra, family="qwen3_vl", steps=4, dataset=None):
@@ -169,7 +169,7 @@ def test_logits_to_keep_gives_the_same_loss_and_gradients(family, tiny_path, pro
 
     from vltune.data.dataset import SFTCollator, SFTDataset
     from vltune.data.formats import read_dataset
-    from vltune.recipes.sft import accepts_logits_to_keep
+    from vltune.train.sft import accepts_logits_to_keep
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_path(family))
     assert accepts_logits_to_keep(model)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vltune.config import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
 
 GROUPS = (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments)
 
@@ -82,7 +82,7 @@ def test_help_lists_commands_and_arguments():
 
 @pytest.mark.parametrize("name", ["gui_agent_global_lora.yaml", "gui_agent_global_full.yaml", "quickstart_lora.json"])
 def test_example_configs_parse(name, tmp_path):
-    path = Path(__file__).parent.parent / "examples" / name
+    path = Path(__file__).parents[2] / "examples" / name
     model, tuner, data, args = parse_args(GROUPS, ["--config", str(path), "--output_dir", str(tmp_path)])
     assert tuner.train_type in ("lora", "full")
     if "gui_agent" in name:
@@ -92,7 +92,7 @@ def test_example_configs_parse(name, tmp_path):
 def test_personalize_example_config_parses(tmp_path):
     from vltune.recipes.personalize import PersonalizeArguments
 
-    path = Path(__file__).parent.parent / "examples" / "gui_agent_personalize.yaml"
+    path = Path(__file__).parents[2] / "examples" / "gui_agent_personalize.yaml"
     model, tuner, data, args, p = parse_args((*GROUPS, PersonalizeArguments),
                                              ["--config", str(path), "--base", "g", "--output_dir", str(tmp_path)])
     assert tuner.train_type == "lora" and data.users == "1-10" and p.base == "g" and args.save_strategy == "no"
@@ -113,3 +113,44 @@ def test_repeated_list_flags_accumulate(tmp_path):
     assert data.dataset == ["a.jsonl", "b.jsonl"]
     _, _, data, _ = parse_args(GROUPS, ["--dataset", "a.jsonl", "b.jsonl", "--output_dir", str(tmp_path)])
     assert data.dataset == ["a.jsonl", "b.jsonl"]
+
+
+def test_renamed_flags_keep_their_old_spelling_with_a_one_line_notice(tmp_path, capsys):
+    (_, tuner, _, _) = parse_args(GROUPS, ["--adapters", "out/a"])
+    assert tuner.init_adapter == "out/a"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "vltune: --adapters is deprecated; use --init_adapter (same meaning)"]
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"adapters": "out/b"}))
+    (_, tuner, _, _) = parse_args(GROUPS, ["--config", str(cfg)])
+    assert tuner.init_adapter == "out/b" and "--adapters is deprecated" in capsys.readouterr().err
+    (_, tuner, _, _) = parse_args(GROUPS, ["--init_adapter", "out/c"])
+    assert tuner.init_adapter == "out/c" and capsys.readouterr().err == ""
+
+
+def test_old_output_spelling_stays_an_output_dir_where_it_is_not_renamed(capsys):
+    from vltune.recipes.infer import InferArguments
+
+    (_, _, _, args) = parse_args(GROUPS, ["--output", "out/x"])
+    assert args.output_dir == "out/x"
+    (_, infer) = parse_args((ModelArguments, InferArguments), ["--output", "p.jsonl"], prog="vltune infer")
+    assert infer.result_path == "p.jsonl"
+    assert "vltune infer: --output is deprecated; use --result_path" in capsys.readouterr().err
+
+
+def test_python_api_values_sit_between_config_file_and_command_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lora_rank: 4\nlearning_rate: 0.5\n")
+    (_, tuner, _, args) = parse_args(GROUPS, ["--config", str(cfg), "--learning_rate", "0.25"],
+                                     values={"lora_r": 16, "learning_rate": 0.125})
+    assert tuner.lora_rank == 16 and args.learning_rate == 0.25
+    with pytest.raises(SystemExit, match="unknown argument name"):
+        parse_args(GROUPS, [], values={"no_such_flag": 1})
+
+
+@pytest.mark.parametrize("value,expected", [(None, None), ("", None), ("false", None), (False, None),
+                                            ("true", True), (True, True), ("out/checkpoint-4", "out/checkpoint-4")])
+def test_resume_from_checkpoint_means_the_same_in_every_command(value, expected):
+    from vltune.train.run import resolve_resume
+
+    assert resolve_resume(value) == expected

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vltune.eval.coords import from_model_coords, parse_click, resized_size, to_model_coords
+from vltune.coords import from_model_coords, parse_click, resized_size, to_model_coords
 from vltune.models.load import set_pixel_bounds
 
 

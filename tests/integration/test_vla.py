@@ -97,7 +97,7 @@ def test_seeds03_lora_frozen_backbone_lstm_trains_and_reloads(tmp_path, calvin_s
     b = np.stack([again.step({"static": ep.images["static"][t]}, ep.instruction, ep.state[t]) for t in range(5)])
     np.testing.assert_array_equal(a, b)
     # ... and the reloaded policy equals the trained in-memory model.
-    from vltune.vla.policy import FrameInputs
+    from vltune.vla.frames import FrameInputs
 
     live = Policy(res.model.eval(), FrameInputs(policy.frames.processor, res.config), policy.normalizers)
     live.reset()
@@ -109,7 +109,8 @@ def test_seeds03_lora_frozen_backbone_lstm_trains_and_reloads(tmp_path, calvin_s
 def test_batch_norm_head_input_saves_its_statistics(tmp_path, calvin_set):
     """--head_input_norm batch: running statistics are learnt, saved and used at inference (live == reloaded)."""
     from vltune.vla.heads import FeatureBatchNorm
-    from vltune.vla.policy import FrameInputs, Policy
+    from vltune.vla.frames import FrameInputs
+    from vltune.vla.policy import Policy
 
     res = train(tmp_path, calvin_set, "--action_head", "gpt", "--window_size", "2")  # batch is the default
     norm = res.model.head.inp[0]
@@ -131,13 +132,14 @@ def test_broken_setup_gets_the_preflight_error(tiny_path, processor_for, calvin_
     """Reentrant checkpointing over frozen embeddings without the input-grad hook: LoRA gets no gradient."""
     from transformers import AutoModelForImageTextToText
 
-    from vltune.config import TunerArguments
+    from vltune.args import TunerArguments
     from vltune.models.preflight import GradientFlowError, check_gradient_flow
     from vltune.models.tuners import apply_tuner
     from vltune.vla.config import PolicyConfig
     from vltune.vla.data import read_episodes
     from vltune.vla.dataset import WindowCollator, WindowDataset
-    from vltune.vla.policy import FrameInputs, PolicyModel
+    from vltune.vla.frames import FrameInputs
+    from vltune.vla.modeling import PolicyModel
 
     vlm = apply_tuner(AutoModelForImageTextToText.from_pretrained(tiny_path("qwen3_vl")),
                       TunerArguments(train_type="lora", freeze_vit=True))
@@ -257,7 +259,7 @@ def test_constant_action_dim_is_kept_constant_not_a_stop(tmp_path, caplog):
 
 def test_fast_patchify_matches_the_processor(processor_for):
     from vltune.vla.config import PolicyConfig
-    from vltune.vla.policy import FrameInputs
+    from vltune.vla.frames import FrameInputs
 
     cfg = PolicyConfig(backbone="", train_type="full", lora={}, action_head="mlp", head_hidden=8, head_layers=1,
                        window_size=1, fwd_pred_next_n=1, exec_steps=1, action_dim=2, gripper_dims=[], gripper_values=[],
@@ -356,7 +358,7 @@ def robovlms_all_keys(data_dir: str, model_path: str, out: str) -> dict:
 def test_every_mapped_robovlms_key_is_a_real_option(tmp_path, calvin_set, tiny_path, cuda):
     import dataclasses
 
-    from vltune.recipes.vla import ARG_GROUPS
+    from vltune.train.vla_config import ARG_GROUPS
     from vltune.vla.robovlms_config import map_robovlms
 
     ours, mapped, ignored = map_robovlms(robovlms_all_keys(calvin_set, tiny_path(), str(tmp_path)), cuda=cuda)

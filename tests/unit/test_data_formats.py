@@ -14,7 +14,7 @@ from vltune.data.dataset import SFTDataset, validate_samples
 from vltune.data.errors import DataError
 from vltune.data.formats import parse_users, read_dataset
 
-from .conftest import write_image, write_jsonl
+from tests.helpers import write_image, write_jsonl
 
 
 def _row(img="a.png", text="Click the red circle", answer="click(1, 2)", **extra):

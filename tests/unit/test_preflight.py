@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vltune.config import ModelArguments, TunerArguments
+from vltune.args import ModelArguments, TunerArguments
 from vltune.data.dataset import SFTCollator, SFTDataset
 from vltune.data.formats import read_dataset
 from vltune.models.load import load_model

@@ -19,54 +19,14 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .hardware import detect_device, resolve_dtype
+from .models.config import ModelArguments, TunerArguments  # noqa: F401  (argument groups of every command)
+
 logger = logging.getLogger("vltune")
 
 
 # ---------------------------------------------------------------- argument groups
-@dataclass
-class ModelArguments:
-    model: str | None = field(default=None, metadata={
-        "help": "Hub id or local directory of the model to fine-tune (loaded with from_pretrained). "
-                "Default: the embedded tiny model of --model_family, built locally (offline)."})
-    model_family: str = field(default="qwen3_vl", metadata={
-        "help": "Family of the embedded tiny model used when --model is not given: qwen3_vl, qwen2_5_vl, qwen2_vl, "
-                "idefics3. With --model, the family is read from the checkpoint's config."})
-    tiny_size: str = field(default="xs", metadata={
-        "help": "Size of the embedded tiny model: xs (~0.3 M params, tests) or s (~2.5 M params, demo)."})
-    torch_dtype: str = field(default="auto", metadata={
-        "help": "auto | bfloat16 | float16 | float32. auto = bfloat16 on a GPU that supports it, float16 on older "
-                "GPUs, float32 on CPU and Apple MPS."})
-    attn_impl: str | None = field(default=None, metadata={
-        "help": "Attention kernel: sdpa | eager | flash_attention_2 | flash_attention_3. Default: transformers' "
-                "choice (sdpa). flash_attention_2 is faster on long sequences and needs the flash-attn package."})
-    device: str = field(default="auto", metadata={
-        "help": "auto | cpu | cuda | mps. auto = cuda if available, else mps, else cpu."})
-    max_pixels: int | None = field(default=None, metadata={
-        "help": "Upper bound on pixels per image after resizing (the main memory knob for VLMs; e.g. 1003520 = "
-                "1280*28*28). Keep it equal at training and inference, or clicks drift."})
-    min_pixels: int | None = field(default=None, metadata={"help": "Lower bound on pixels per image."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the checkpoint."})
-
-
-@dataclass
-class TunerArguments:
-    train_type: str = field(default="lora", metadata={
-        "help": "lora | qlora | full. lora: low-rank adapters on frozen weights (least memory per quality); "
-                "qlora: lora on a 4-bit (bitsandbytes nf4) base, least memory, slower; full: every unfrozen weight."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r: higher = more capacity and memory."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
-        "help": "Modules that get LoRA: all-linear (every linear layer of the unfrozen parts, lm_head excluded), "
-                "module names (q_proj v_proj ...), or one regular expression matched against full module names."})
-    freeze_vit: bool = field(default=True, metadata={"help": "Freeze the vision tower (no LoRA on it either)."})
-    freeze_aligner: bool = field(default=True, metadata={
-        "help": "Freeze the projector/merger between vision tower and LLM."})
-    freeze_llm: bool = field(default=False, metadata={"help": "Freeze the language model."})
-    quant_bits: int = field(default=4, metadata={"help": "Bits of the quantised base for qlora (4)."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4 for qlora."})
-    adapters: str | None = field(default=None, metadata={
-        "help": "An existing PEFT adapter directory to continue training from (LoRA only)."})
+# ModelArguments and TunerArguments are the models layer's own config (vltune/models/config.py).
 
 
 @dataclass
@@ -92,21 +52,22 @@ class DataArguments:
         "help": "Also train the newline the chat template writes after each trained end-of-turn token "
                 "(`<|im_end|>\\n`), as ms-swift, LLaMA-Factory and TRL do: their step losses then equal vltune's "
                 "on the same batches. Off by default: that token is never generated, and with it the brief "
-                "SFT -> GRPO run of tests/test_grpo.py lifted the held-out reward in 1 of 3 seeds instead of 3 of 3."})
+                "SFT -> GRPO run of tests/integration/test_grpo.py lifted the held-out reward in 1 of 3 seeds instead of 3 of 3."})
     strict: bool = field(default=False, metadata={
         "help": "Stop before training if any sample is invalid or over-long, instead of skipping and counting it."})
     num_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
 
 
-def _default_output_dir() -> str:
-    return "output/sft"
+def default_output_dir(command: str):
+    """The default_factory of every command's --output_dir: `output/<command>`."""
+    return lambda: f"output/{command}"
 
 
 @dataclass
 class SFTTrainingArguments(TrainingArguments):
     """HF TrainingArguments with defaults for VLM fine-tuning (ms-swift-like)."""
 
-    output_dir: str | None = field(default_factory=_default_output_dir, metadata={"help": "Where to write everything."})
+    output_dir: str | None = field(default_factory=default_output_dir("sft"), metadata={"help": "Where to write everything."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (1e-4 suits LoRA; ~1e-5 full)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Samples per device per step."})
@@ -202,6 +163,34 @@ def normalize_argv(argv: list[str], known: set[str] | None = None) -> list[str]:
     return out
 
 
+# An argument group renames a flag with a class attribute `renamed_flags = {"old": "new"}` (not a field): the old
+# spelling keeps working on the command line, in config files and as a Python keyword, with a one-line notice.
+def _deprecation(prog: str, old: str, new: str) -> None:
+    print(f"{prog}: --{old} is deprecated; use --{new} (same meaning)", file=sys.stderr)
+
+
+def rename_flags(argv: list[str], renamed: dict[str, str], prog: str) -> list[str]:
+    """`--old value` / `--old=value` -> `--new ...` for this command's renamed arguments."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in renamed:
+            _deprecation(prog, name, renamed[name])
+            arg = f"--{renamed[name]}" + (f"={value}" if eq else "")
+        out.append(arg)
+    return out
+
+
+def rename_keys(cfg: dict, renamed: dict[str, str], prog: str) -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if key in renamed:
+            _deprecation(prog, key, renamed[key])
+            key = renamed[key]
+        out[key] = value
+    return out
+
+
 def merge_repeated_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
     """`--dataset a --dataset b` -> `--dataset a b`: argparse would silently keep only the last one."""
     merged: dict[str, list[str]] = {}
@@ -248,37 +237,11 @@ def load_config_file(path: str, known: set[str] | None = None) -> dict:
     return apply_aliases(flat, known)
 
 
-# ---------------------------------------------------------------- hardware defaults
-def detect_device(requested: str = "auto") -> str:
-    import torch
-
-    if requested and requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def resolve_dtype(requested: str, device: str):
-    import torch
-
-    if requested in (None, "", "auto"):
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
-    if requested not in table:
-        raise ValueError(f"--torch_dtype must be auto, bfloat16, float16 or float32, got {requested!r}")
-    return table[requested]
-
-
 # ---------------------------------------------------------------- parsing
 def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str = "vltune",
-               description: str | None = None) -> tuple:
-    """Parse `--config file` + command line into the given dataclasses (command line wins).
+               description: str | None = None, values: dict | None = None) -> tuple:
+    """Parse `--config file`, then `values` (a Python API's keywords, same names and aliases), then the command
+    line into the given dataclasses (each later source wins).
 
     Hardware-dependent defaults (bf16/fp16, use_cpu) are set from the machine unless given.
     """
@@ -287,13 +250,21 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     parser.add_argument("--config", type=str, default=None, help="A YAML or JSON file of arguments; "
                         "command-line arguments override it.")
     known = {f.name for t in dataclass_types for f in fields(t)}
+    renamed = {old: new for t in dataclass_types for old, new in getattr(t, "renamed_flags", {}).items()}
+    argv = rename_flags(argv, renamed, prog)
     list_flags = tuple(a.dest for a in parser._actions if a.nargs in ("+", "*"))
     argv = merge_repeated_flags(normalize_argv(argv, known), list_flags)
     pre, _ = parser.parse_known_args(argv)  # only to find --config / --device / --torch_dtype early
-    cfg = load_config_file(pre.config, known) if pre.config else {}
+    cfg = rename_keys(load_config_file(pre.config, known | set(renamed)), renamed, prog) if pre.config else {}
     unknown = sorted(set(cfg) - known - {"config"})
     if unknown:
         raise SystemExit(f"{prog}: unknown key(s) in {pre.config}: {', '.join(unknown)}")
+    if values:
+        given = apply_aliases(rename_keys(dict(values), renamed, prog), known)
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise SystemExit(f"{prog}: unknown argument name(s): {', '.join(unknown)}")
+        cfg.update(given)
 
     defaults = dict(cfg)
     device = detect_device(str(cfg.get("device", getattr(pre, "device", "auto"))))

@@ -1,0 +1,93 @@
+"""What every training run does at its start and its end, written once for sft, grpo, vla (and personalize):
+
+- `open_run`: the run directory -- logging, train.log (the console tee), the seed, the W&B project, the resolved
+  arguments in args.json (reloadable with --config);
+- `load_base`: the model path (--model or the embedded tiny model), its processor and its family;
+- `log_preflight`: gradients reach every trainable group, checked on a real batch before the first step;
+- `resolve_resume`: what --resume_from_checkpoint means, the same in every command;
+- `write_model_card`: the README.md in the output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..args import dump_config
+from ..console import TeeLog, is_main_process, setup_logging
+
+logger = logging.getLogger("vltune")
+
+
+@contextlib.contextmanager
+def open_run(output_dir: str, arg_groups: tuple, seed: int, wandb_project: str | None = None):
+    """Create `output_dir`, tee the console into its train.log, seed everything, write args.json; yields the Path."""
+    from transformers import set_seed
+
+    setup_logging()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with TeeLog(out / "train.log"):
+        if wandb_project:
+            os.environ["WANDB_PROJECT"] = wandb_project
+        set_seed(seed)
+        if is_main_process():
+            dump_config(arg_groups, out / "args.json")
+        yield out
+
+
+def load_base(model_args, processor=None):
+    """(model path, processor, family): --model or the embedded tiny model; `processor` is reused when given."""
+    from transformers import AutoConfig
+
+    from ..models.families import family_for_model_type
+    from ..models.load import load_processor, resolve_model_path
+
+    path = resolve_model_path(model_args)
+    if processor is None:
+        processor = load_processor(path, model_args.max_pixels, model_args.min_pixels, model_args.trust_remote_code)
+    family = family_for_model_type(AutoConfig.from_pretrained(path).model_type)
+    logger.info("[model] %s (family %s, coordinates %s)", path, family.name, family.coords)
+    return path, processor, family
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def log_preflight(model, batch: dict, device, bf16: bool = False, fp16: bool = False, loss_fn=None) -> dict:
+    """Run vltune.models.preflight on `batch` (moved to `device`) and log the gradient norm of each trained part."""
+    from ..models.preflight import check_gradient_flow
+
+    amp = torch.bfloat16 if bf16 else torch.float16 if fp16 else None
+    kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {"autocast_dtype": amp}
+    norms = check_gradient_flow(model, to_device(batch, device), **kwargs)
+    logger.info("[preflight] gradients reach every trainable group: %s",
+                ", ".join(f"{g} |g|={v:.3g}" for g, v in norms.items()))
+    return norms
+
+
+def resolve_resume(value):
+    """--resume_from_checkpoint: unset/false -> None (start fresh); true -> True (the newest checkpoint-N in
+    --output_dir, found by the Trainer); anything else -> that checkpoint directory."""
+    if value in (None, "", False, "false", "False"):
+        return None
+    return True if value in (True, "true", "True") else value
+
+
+def load_hint(base: str, out: Path, train_type: str) -> str:
+    """How to load what a run saved, as one line of Python."""
+    if train_type in ("lora", "qlora"):
+        return f"PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained('{base}'), '{out}')"
+    return f"AutoModelForImageTextToText.from_pretrained('{out}')"
+
+
+def write_model_card(out: Path, title: str, facts: list[str], usage: str, files: str) -> None:
+    """README.md of an output directory: a title, facts as a list, how to load it, and what each file holds."""
+    body = "".join(f"- {f}\n" for f in facts)
+    (out / "README.md").write_text(f"# {title}\n\n{body}\n{usage}\nFiles: {files}.\n")
+    logger.info("[done] saved to %s", out)

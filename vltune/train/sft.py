@@ -1,0 +1,163 @@
+"""Supervised fine-tuning as a library function: `run_sft` (used by `vltune sft`, `vltune demo` and `vltune
+personalize`), with its data (`build_datasets`) and model (`build_model`) steps.
+
+Top to bottom: run directory -> processor -> data (validated, never truncated) -> model + tuner ->
+gradient-flow preflight -> HF Trainer -> save adapter/weights, processor, logs and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments
+from ..data.dataset import DataReport, SFTCollator, SFTDataset, validate_samples
+from ..data.errors import DataError
+from ..data.formats import read_dataset
+from ..data.splits import split_holdout
+from .debug import attach_debug_callback
+from ..models.load import load_model
+from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
+from .run import load_base, load_hint, log_preflight, open_run, resolve_resume, write_model_card
+
+logger = logging.getLogger("vltune")
+
+
+@dataclass
+class SFTResult:
+    output_dir: str
+    metrics: dict
+    data_report: DataReport
+    model: torch.nn.Module
+    processor: object
+
+
+# ---------------------------------------------------------------------------- data
+def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, convention: str,
+                   samples: list | None = None):
+    """Read (unless `samples` are given), validate and split the data; return (train, eval or None, report)."""
+    specs = list(data.dataset)
+    if samples is not None:
+        read_errors: list = []
+    elif not specs:
+        from ..data.synthetic import make_grounding_set
+
+        made = make_grounding_set(Path(output_dir) / "demo_data", n_train=512, n_test=64, seed=seed,
+                                  convention=convention, processor=processor)
+        specs = [made["train"]]
+        logger.info("[data] no --dataset given: using the demo's synthetic grounding set (%s)", made["train"])
+    if samples is None:
+        samples, read_errors = read_dataset(specs, users=data.users, allow_pickle=data.allow_pickle)
+    if data.num_samples:
+        samples = samples[: data.num_samples]
+    kept, lengths, report = validate_samples(samples, processor, data.max_length, data.loss_scale, read_errors)
+    report.log("train")
+    if report.skipped and data.strict:
+        raise DataError("invalid samples in the training data (--strict true):\n  " + "\n  ".join(report.lines()))
+    if not kept:
+        raise DataError("no usable training sample; see the report above")
+    eval_ds = None
+    if data.val_dataset:
+        vs, verr = read_dataset(data.val_dataset, users=None, allow_pickle=data.allow_pickle)
+        vkept, vlen, vrep = validate_samples(vs, processor, data.max_length, data.loss_scale, verr, desc="checking val")
+        vrep.log("validation")
+        eval_ds = SFTDataset(vkept, vlen) if vkept else None
+    elif data.split_dataset_ratio > 0:
+        pairs, held = split_holdout(list(zip(kept, lengths)), data.split_dataset_ratio, seed)
+        eval_ds = SFTDataset([s for s, _ in held])
+        kept, lengths = [s for s, _ in pairs], [n for _, n in pairs]
+    if lengths:
+        logger.info("[data] %d training samples, tokens per sample: mean %.0f, max %d", len(kept),
+                    sum(lengths) / len(lengths), max(lengths))
+    return SFTDataset(kept, lengths), eval_ds, report
+
+
+# ---------------------------------------------------------------------------- model
+def build_model(model_args: ModelArguments, tuner: TunerArguments, args: SFTTrainingArguments, path: str,
+                model: torch.nn.Module | None = None):
+    """Load the model (or take an already loaded one, e.g. `vltune personalize`'s global model) and apply the tuner."""
+    if model is None:
+        model = load_model(path, model_args, tuner.train_type, tuner.quant_bits, tuner.bnb_4bit_quant_type)
+    model = apply_tuner(model, tuner)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs)
+    logger.info("[model] trainable parameters by part (%s, %s):\n%s", tuner.train_type,
+                "gradient checkpointing on" if args.gradient_checkpointing else "no gradient checkpointing",
+                format_summary(parameter_summary(model)))
+    return model
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward takes `logits_to_keep` (most transformers LMs do)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+# ---------------------------------------------------------------------------- run
+def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArguments, args: SFTTrainingArguments,
+            callbacks: list | None = None, model: torch.nn.Module | None = None, processor=None,
+            samples: list | None = None) -> SFTResult:
+    """Train and save. `model` / `processor` / `samples` let a caller that already holds them (vltune
+    personalize: one loaded global model, many users) skip loading; the tuner is applied to `model` in place."""
+    from transformers import Trainer
+
+    with open_run(args.output_dir, (model_args, tuner, data, args), args.seed, args.wandb_project) as out:
+        path, processor, family = load_base(model_args, processor)
+        train_ds, eval_ds, report = build_datasets(data, processor, args.seed, str(out), family.coords, samples)
+        model = build_model(model_args, tuner, args, path, model)
+        collator = SFTCollator(processor, data.loss_scale, logits_to_keep=accepts_logits_to_keep(model),
+                               train_separator=data.train_separator)
+
+        # Preflight on a real batch, on the device Trainer will use.
+        if not getattr(model, "is_loaded_in_4bit", False):
+            model.to(args.device)
+        log_preflight(model, collator([train_ds[i] for i in range(min(args.per_device_train_batch_size, len(train_ds)))]),
+                      args.device, args.bf16, args.fp16)
+
+        if args.label_names is None:
+            args.label_names = ["labels"]
+        if eval_ds is not None and args.eval_strategy == "no":
+            args.eval_strategy = args.save_strategy
+            args.eval_steps = args.eval_steps or args.save_steps
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=collator, processing_class=processor, callbacks=callbacks)
+        attach_debug_callback(trainer)  # per-rank dump when $VLTUNE_DEBUG_DIST_DIR is set (vltune/train/debug.py)
+        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint))
+        metrics = dict(result.metrics)
+        if eval_ds is not None:
+            metrics.update(trainer.evaluate())
+        if train_ds.runtime_skips:
+            logger.warning("[data] %d sample(s) skipped at load time, e.g. %s", len(train_ds.runtime_skips),
+                           train_ds.runtime_skips[0])
+        metrics["samples_skipped"] = report.skipped + len(train_ds.runtime_skips)
+
+        trainer.save_model(str(out))
+        if trainer.is_world_process_zero():
+            processor.save_pretrained(str(out))
+            trainer.save_state()
+            _write_outputs(out, trainer, metrics, report, model_args, tuner, path)
+        return SFTResult(str(out), metrics, report, model, processor)
+
+
+def _write_outputs(out: Path, trainer, metrics: dict, report: DataReport, model_args, tuner, base: str) -> None:
+    from ..eval.plots import plot_loss_curve
+
+    (out / "data_report.json").write_text(json.dumps(
+        {"total": report.total, "kept": report.kept, "skipped": dict(report.counts),
+         "examples": {k: v for k, v in report.problems.items()}}, indent=2))
+    (out / "train_results.json").write_text(json.dumps(metrics, indent=2, default=str))
+    png = plot_loss_curve(trainer.state.log_history, out / "loss.png")
+    write_model_card(
+        out, "vltune sft output",
+        [f"base model: `{base}`", f"train type: {tuner.train_type}", f"steps: {trainer.state.global_step}",
+         f"final train loss: {metrics.get('train_loss')}",
+         f"samples skipped: {metrics.get('samples_skipped')} (see data_report.json)"],
+        f"Load with `{load_hint(base, out, tuner.train_type)}`; the processor is saved beside.\n",
+        "args.json (resolved arguments), train.log, data_report.json, train_results.json"
+        f"{', loss.png' if png else ''}, runs/ (TensorBoard), checkpoint-N/")

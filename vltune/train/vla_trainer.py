@@ -1,0 +1,90 @@
+"""The VLA trainer: HF Trainer saving in the policy format, with the Lightning-era behaviour RoboVLMs users
+rely on (best-k checkpoints on validation loss, a CSV log, a wall-time budget)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback
+
+logger = logging.getLogger("vltune")
+
+
+class TopKCheckpoints(TrainerCallback):
+    """Keep the k checkpoints with the lowest eval_loss (the k most recent without validation)."""
+
+    def __init__(self, output_dir: str, k: int):
+        self.dir, self.k, self.losses = Path(output_dir), k, {}
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if metrics and "eval_loss" in metrics:
+            self.losses[state.global_step] = float(metrics["eval_loss"])
+
+    def on_save(self, args, state, control, **kw):
+        if not state.is_world_process_zero or self.k <= 0:
+            return
+        ckpts = {int(p.name.split("-")[1]): p for p in self.dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()}
+        rank = sorted(ckpts, key=lambda s: (self.losses.get(s, float("inf")), -s)) if self.losses else \
+            sorted(ckpts, reverse=True)
+        for step in rank[self.k:]:
+            shutil.rmtree(ckpts[step], ignore_errors=True)
+        kept = [{"step": s, "eval_loss": self.losses.get(s), "path": str(ckpts[s])} for s in rank[: self.k]]
+        (self.dir / "best_checkpoints.json").write_text(json.dumps(kept, indent=1))
+
+
+class CSVLog(TrainerCallback):
+    """metrics.csv: one row per logged value (step, epoch, name, value), like Lightning's CSVLogger."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "epoch", "name", "value"])
+            for k, v in logs.items():
+                if isinstance(v, (int, float)):
+                    w.writerow([state.global_step, round(state.epoch or 0, 4), k, v])
+
+
+class TimeBudget(TrainerCallback):
+    """Stop (with a final save) once `seconds` of training wall time have passed."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start = seconds, None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start = time.time()
+
+    def on_step_end(self, args, state, control, **kw):
+        if time.time() - self.start > self.seconds:
+            logger.info("[train] --train_seconds %.0f reached at step %d: stopping", self.seconds, state.global_step)
+            control.should_training_stop = True
+            control.should_save = True
+
+
+class PolicyTrainer(Trainer):
+    """Trainer that saves checkpoints in the policy format (loadable with Policy.from_pretrained)."""
+
+    normalizers: dict | None = None
+
+    def _save(self, output_dir=None, state_dict=None):
+        self.model.save_pretrained(output_dir or self.args.output_dir, self.normalizers)
+
+
+def eval_loader(trainer, eval_ds, collator):
+    from torch.utils.data import DataLoader
+
+    def get(eval_dataset=None):
+        return DataLoader(eval_ds, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=collator)
+
+    return get
