@@ -19,6 +19,8 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .arg_checks import check_values
+from .errors import UsageError
 from .hardware import detect_device, resolve_dtype
 from .models.config import ModelArguments, TunerArguments  # noqa: F401  (argument groups of every command)
 
@@ -45,14 +47,14 @@ class DataArguments:
     max_length: int = field(default=2048, metadata={
         "help": "Maximum tokens per sample, image tokens included. Longer samples are dropped and counted, never "
                 "truncated (truncation through an image breaks the model's image/token alignment)."})
-    loss_scale: str = field(default="default", metadata={
+    loss_scale: str = field(default="default", metadata={"choices": ["default", "last_round"],
         "help": "default: train on every assistant turn; last_round: only the final assistant turn. A message "
                 "with \"loss\": false is never trained."})
     train_separator: bool = field(default=False, metadata={
         "help": "Also train the newline the chat template writes after each trained end-of-turn token "
                 "(`<|im_end|>\\n`), as ms-swift, LLaMA-Factory and TRL do: their step losses then equal vltune's "
-                "on the same batches. Off by default: that token is never generated, and with it the brief "
-                "SFT -> GRPO run of tests/integration/test_grpo.py lifted the held-out reward in 1 of 3 seeds instead of 3 of 3."})
+                "on the same batches. Off by default: that token is never generated (the README says what it "
+                "measured)."})
     strict: bool = field(default=False, metadata={
         "help": "Stop before training if any sample is invalid or over-long, instead of skipping and counting it."})
     num_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
@@ -72,7 +74,7 @@ class SFTTrainingArguments(TrainingArguments):
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Samples per device per step."})
     gradient_checkpointing: bool | None = field(default=True, metadata={
-        "help": "Recompute activations in backward: much less memory, ~30% slower. Non-reentrant by default."})
+        "help": "Recompute activations in backward: much less memory, somewhat slower. Non-reentrant by default."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=500, metadata={"help": "Save a checkpoint-N every N steps."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
@@ -217,7 +219,7 @@ def merge_repeated_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
 def load_config_file(path: str, known: set[str] | None = None) -> dict:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise UsageError(f"--config {path}: no such file; give a YAML or JSON file of arguments")
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() in (".yaml", ".yml"):
         import yaml
@@ -246,7 +248,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     Hardware-dependent defaults (bf16/fp16, use_cpu) are set from the machine unless given.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    parser = _Parser(dataclass_types, prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="A YAML or JSON file of arguments; "
                         "command-line arguments override it.")
     known = {f.name for t in dataclass_types for f in fields(t)}
@@ -286,11 +288,29 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     # HfArgumentParser appends a Namespace for the non-dataclass --config flag; callers want the dataclasses.
-    return tuple(p for p in parsed if not isinstance(p, type(pre)))
+    objs = tuple(p for p in parsed if not isinstance(p, type(pre)))
+    check_values(objs)  # flag values, before any data is read or weight loaded
+    return objs
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line (a `UsageError`), not the whole usage text; no abbreviations
+    (`--lora_ran 8` is an error, not `--lora_rank 8`), as ms-swift users expect."""
+
+    def error(self, message: str):
+        import difflib
+
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        typos = [w.split("=")[0] for w in message.split() if w.startswith("--") and w not in flags] \
+            if message.startswith("unrecogni") else []
+        close = [m for w in typos for m in difflib.get_close_matches(w, flags, n=1)]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(f"{self.prog}: {message}{hint} (all arguments: {self.prog} --help)")
 
 
 def dump_config(objs: tuple, path: str | os.PathLike) -> None:
-    """Write the resolved arguments of every group to one JSON file (reloadable with --config)."""
+    """Write the resolved arguments of every group to one JSON file (reloadable with --config); the run's own
+    state (resume_from_checkpoint, logging_dir, ...) is left out."""
     merged: dict = {}
     for obj in objs:
         if isinstance(obj, TrainingArguments):
@@ -298,7 +318,9 @@ def dump_config(objs: tuple, path: str | os.PathLike) -> None:
         else:
             d = asdict(obj)
         merged.update(d)
-    clean = {k: v for k, v in merged.items() if _jsonable(v)}
+    from .resume import RUN_SPECIFIC
+
+    clean = {k: v for k, v in merged.items() if _jsonable(v) and k not in RUN_SPECIFIC}
     Path(path).write_text(json.dumps(clean, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 

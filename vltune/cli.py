@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
+
+from .errors import UsageError
 
 COMMANDS = {
     "demo": ("vltune.recipes.demo", "train the embedded tiny Qwen3-VL on a synthetic click task and show it learns"),
@@ -14,8 +18,8 @@ COMMANDS = {
     "infer": ("vltune.recipes.infer", "answer prompts with a model (+ adapter): one image, or a whole data set"),
     "export": ("vltune.recipes.export", "merge a LoRA adapter into the model, or a DeepSpeed ZeRO checkpoint to fp32"),
     "eval": ("vltune.recipes.evaluate", "evaluate a model: `vltune eval grounding ...`"),
+    "serve": ("vltune.recipes.serve", "serve a model + per-user adapters over an OpenAI-compatible API, batched, with a playground"),
     "vla": ("vltune.recipes.vla", "train a vision-language-action policy (VLM + LSTM/MLP/GPT action head) on robot demos"),
-    "serve": ("vltune.recipes.serve", "serve a model: `vltune serve policy --policy DIR` (VLA policy, POST /act)"),
 }
 
 USAGE = """usage: vltune <command> [--help] [arguments]
@@ -45,10 +49,26 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"vltune: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    module.main(rest)
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+        status = module.main(rest)
+    except UsageError as e:  # the user's mistake: one line, status 2 (VLTUNE_DEBUG=1: the traceback too)
+        return _usage_error(command, e, str(e))
+    except SystemExit as e:  # `raise SystemExit("message")` is the recipes' other way to say the same
+        if not isinstance(e.code, str):
+            raise
+        return _usage_error(command, e, e.code)
     _teardown_distributed()
-    return 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+def _usage_error(command: str, error: BaseException, message: str) -> int:
+    if os.environ.get("VLTUNE_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(error)
+    message = " ".join(message.split())
+    prefix = f"vltune {command}"
+    print(message if message.startswith("vltune") else f"{prefix}: {message}", file=sys.stderr)
+    return 2
 
 
 def _teardown_distributed() -> None:

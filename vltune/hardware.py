@@ -3,6 +3,8 @@ torch objects out)."""
 
 from __future__ import annotations
 
+from .errors import UsageError
+
 from contextlib import contextmanager
 
 
@@ -43,5 +45,5 @@ def resolve_dtype(requested: str, device: str):
     table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
              "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
     if requested not in table:
-        raise ValueError(f"--torch_dtype must be auto, bfloat16, float16 or float32, got {requested!r}")
+        raise UsageError(f"--torch_dtype must be auto, bfloat16, float16 or float32, got {requested!r}")
     return table[requested]

@@ -148,9 +148,13 @@ def test_python_api_values_sit_between_config_file_and_command_line(tmp_path):
         parse_args(GROUPS, [], values={"no_such_flag": 1})
 
 
-@pytest.mark.parametrize("value,expected", [(None, None), ("", None), ("false", None), (False, None),
-                                            ("true", True), (True, True), ("out/checkpoint-4", "out/checkpoint-4")])
-def test_resume_from_checkpoint_means_the_same_in_every_command(value, expected):
+@pytest.mark.parametrize("value", [None, "", "false", False, "true", True, "checkpoint-4"])
+def test_resume_from_checkpoint_means_the_same_in_every_command(value, tmp_path):
+    """unset/false: start fresh; true: the newest checkpoint-N of --output_dir; else that directory."""
     from vltune.train.run import resolve_resume
 
-    assert resolve_resume(value) == expected
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-4").mkdir()
+    expected = None if value in (None, "", "false", False) else str(tmp_path / "checkpoint-4")
+    given = str(tmp_path / value) if value == "checkpoint-4" else value
+    assert resolve_resume(given, str(tmp_path)) == expected

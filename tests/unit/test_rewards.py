@@ -79,7 +79,9 @@ def test_format_pattern_is_configurable_and_validated():
 
 
 def test_unknown_reward_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown reward 'nope'.*click.*external_plugins"):
+    from vltune.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--reward_funcs nope: unknown reward.*click.*external_plugins"):
         build_reward_funcs(["nope"], ctx())
 
 

@@ -107,6 +107,13 @@ class DataReport:
             out.extend(f"    {loc}" for loc in self.problems[kind])
         return out
 
+    def strict_error(self, what: str = "sample") -> DataError:
+        """The one-line error of `--strict true` when samples were skipped (the log lists them all)."""
+        first = next(iter(self.problems.values()))[0] if self.problems else "?"
+        kinds = ", ".join(f"{n} {kind}" for kind, n in self.counts.most_common())
+        return DataError(f"--strict true: {self.skipped} invalid {what}(s) in the training data ({kinds}; listed "
+                         f"above), first: {first}; fix them, or drop --strict to skip and count them")
+
     def log(self, name: str = "train") -> None:
         logger.info("[data] %s: %d samples read, %d kept, %d skipped", name, self.total, self.kept, self.skipped)
         for line in self.lines():

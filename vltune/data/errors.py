@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from ..errors import UsageError
 
-class DataError(ValueError):
-    """A sample (or data file) that cannot be used. `where` is "path:line" or "path[index]"."""
+
+class DataError(UsageError, ValueError):
+    """A sample (or data file) that cannot be used. `where` is "path:line" or "path[index]".
+    A user's mistake: `vltune` prints it as one line and exits 2."""
 
     def __init__(self, message: str, where: str | None = None, kind: str | None = None):
         self.message = message

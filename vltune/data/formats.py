@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..arg_checks import parse_users  # noqa: F401  (re-exported: data code reads user specs)
 from .errors import DataError
 
 IMAGE_TAG = "<image>"
@@ -187,7 +188,7 @@ def _read_jsonl(path: Path) -> Iterable[Sample]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield DataError(f"invalid JSON ({e.msg} at column {e.colno})", where)  # type: ignore[misc]
+                yield DataError(f"invalid JSON ({e.msg}, column {e.colno})", where)  # type: ignore[misc]
                 continue
             try:
                 yield normalize_row(row, str(path.parent), where)
@@ -258,21 +259,6 @@ def _read_user_pickles(path: Path, users: set[int] | None, allow_pickle: bool) -
             yield sample
 
 
-def parse_users(spec: str | None) -> set[int] | None:
-    """'11-83' / '1,3,5-7' -> set of user ids."""
-    if not spec:
-        return None
-    users: set[int] = set()
-    for part in str(spec).split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            users.update(range(int(lo), int(hi) + 1))
-        elif part:
-            users.add(int(part))
-    return users
-
-
 def _filter_users(samples: Iterable, users: set[int] | None) -> Iterable:
     for s in samples:
         if users is None or isinstance(s, DataError) or int(s.extra.get("user", -1)) in users:
@@ -311,7 +297,7 @@ def iter_dataset(spec: str, users: str | None = None, allow_pickle: bool = False
     """Yield `Sample`s (and `DataError`s for records that could not be read) from `spec`."""
     path = Path(spec).expanduser()
     if not path.exists():
-        raise DataError("dataset path does not exist", str(path))
+        raise DataError("no such file or directory; check the --dataset path", str(path))
     fmt = detect_format(path)
     user_set = parse_users(users)
     if fmt == "user_pickles":
@@ -324,6 +310,35 @@ def read_dataset(specs: str | list[str], users: str | None = None, allow_pickle:
     """Read one or more datasets; return (samples, errors of records that could not be parsed)."""
     samples, errors = [], []
     for spec in _as_list(specs):
+        found = 0
         for item in iter_dataset(spec, users, allow_pickle):
             (errors if isinstance(item, DataError) else samples).append(item)
+            found += not isinstance(item, DataError)
+        if users and not found and not errors:
+            raise DataError(f"--users {users} matches no user here; {_users_in(spec, allow_pickle)}", spec)
     return samples, errors
+
+
+def _users_in(spec: str, allow_pickle: bool) -> str:
+    """Which users a data set holds, for the error of a --users that matches none of them."""
+    ids = set()
+    for item in iter_dataset(spec, None, allow_pickle):
+        if isinstance(item, DataError):
+            continue
+        if "user" not in item.extra:
+            return "its rows have no 'user' column, so drop --users (or add the column)"
+        ids.add(int(item.extra["user"]))
+    if not ids:
+        return "it holds no readable row"
+    return f"its users are {format_ids(ids)}"
+
+
+def format_ids(ids) -> str:
+    """{1, 2, 3, 5} -> '1-3,5' (the --users spelling)."""
+    ids, runs = sorted(ids), []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)

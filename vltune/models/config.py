@@ -46,7 +46,7 @@ class ModelArguments(BaseModelArguments):
 class TunerArguments:
     renamed_flags = {"adapters": "init_adapter"}  # old spelling -> name (vltune/args.py prints a notice)
 
-    train_type: str = field(default="lora", metadata={
+    train_type: str = field(default="lora", metadata={"choices": ["lora", "qlora", "full"],
         "help": "lora | qlora | full. lora: low-rank adapters on frozen weights (least memory per quality); "
                 "qlora: lora on a 4-bit (bitsandbytes nf4) base, least memory, slower; full: every unfrozen weight."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r: higher = more capacity and memory."})

@@ -39,3 +39,11 @@ IMAGE_ONLY_PROCESSORS = {
     "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
     "qwen3_vl": Qwen3VLImageOnlyProcessor,
 }
+
+# The video processor each family's full processor expects (what a saved checkpoint must name in
+# video_preprocessor_config.json, or AutoProcessor elsewhere, torchvision installed, cannot build it).
+VIDEO_PROCESSOR_CLASSES = {
+    "qwen2_vl": "Qwen2VLVideoProcessor",
+    "qwen2_5_vl": "Qwen2VLVideoProcessor",
+    "qwen3_vl": "Qwen3VLVideoProcessor",
+}

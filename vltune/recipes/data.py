@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..args import ModelArguments, parse_args
 from ..console import setup_logging
+from ..errors import UsageError
 
 logger = logging.getLogger("vltune")
 
@@ -129,10 +130,13 @@ def _size(text: str, flag: str) -> tuple[int, int]:
 
 
 def synth(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] != "gui":
-        print("usage: vltune data synth gui [--help] [arguments]\n\n  gui   synthetic GUI-agent screens with "
-              "per-user habits (seeds/04 layout)")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] != "gui":
+        if argv and argv[0] in ("-h", "--help"):
+            print("usage: vltune data synth gui [--help] [arguments]\n\n  gui   synthetic GUI-agent screens with "
+                  "per-user habits (seeds/04 layout)")
+            return 0
+        what = f"unknown kind of data {argv[0]!r}" if argv else "no kind of data given"
+        raise UsageError(f"vltune data synth: {what}; the one there is: `vltune data synth gui` (see `vltune data synth gui --help`)")
     import time
 
     from ..data.formats import parse_users

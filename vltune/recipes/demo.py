@@ -41,7 +41,7 @@ class DemoArguments:
     grid: int = field(default=4, metadata={"help": "Board is grid x grid cells, one vision token per cell."})
     n_shapes: int = field(default=3, metadata={"help": "Up to this many shapes per board (the named one + distractors)."})
     cell_tokens: int = field(default=1, metadata={"help": "Vision tokens per cell edge (2 = each cell spans 2x2 tokens)."})
-    train_type: str = field(default="full", metadata={
+    train_type: str = field(default="full", metadata={"choices": ["full", "lora", "qlora"],
         "help": "full (default: the tiny model starts from random weights) | lora | qlora."})
     freeze_vit: bool = field(default=True, metadata={
         "help": "Freeze the vision tower and aligner (their head start comes with the tiny model); the LLM trains."})

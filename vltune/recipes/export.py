@@ -86,6 +86,27 @@ def standardize_processor_class(out: Path) -> None:
             path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def write_video_processor_config(out: Path, processor) -> None:
+    """Where vltune saved an image-only processor (no torchvision here), also write the video processor config
+    the family's full processor needs, from the image processor's settings: with it, `AutoProcessor` loads the
+    export without vltune wherever torchvision is installed (without torchvision, transformers cannot build any
+    Qwen-VL processor, the hub originals included, and says so)."""
+    from ..models.processors import IMAGE_ONLY_PROCESSORS, VIDEO_PROCESSOR_CLASSES
+
+    family = next((f for f, cls in IMAGE_ONLY_PROCESSORS.items() if type(processor) is cls), None)
+    target = out / "video_preprocessor_config.json"
+    if family is None or target.exists():
+        return
+    image = processor.image_processor
+    keys = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "do_rescale",
+            "rescale_factor", "do_normalize", "do_convert_rgb", "resample")
+    config = {k: getattr(image, k) for k in keys if getattr(image, k, None) is not None}
+    config.update(video_processor_type=VIDEO_PROCESSOR_CLASSES[family],
+                  processor_class=standard_processor_class(type(processor)))
+    target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    logger.info("[export] wrote %s (%s) for AutoProcessor", target.name, config["video_processor_type"])
+
+
 def _checkpoint_dtype(path: str, trust_remote_code: bool) -> str:
     from transformers import AutoConfig
 
@@ -101,7 +122,8 @@ def merge_lora(model_args: ModelArguments, args: ExportArguments) -> Path:
         raise SystemExit("vltune export --merge_lora: give the adapter to merge with --adapters DIR")
     check_adapter_dir(args.adapters)
     if model_args.torch_dtype == "auto":  # keep the base's precision: a bf16 8B model stays 16 GB, not 32
-        model_args.torch_dtype = _checkpoint_dtype(resolve_model_path(model_args), model_args.trust_remote_code)
+        model_args.model = resolve_model_path(model_args)  # resolved (and logged) once
+        model_args.torch_dtype = _checkpoint_dtype(model_args.model, model_args.trust_remote_code)
     model, processor, base = load_for_inference(model_args, args.adapters)
     merged = model.merge_and_unload()
     out = Path(args.output_dir)
@@ -109,6 +131,7 @@ def merge_lora(model_args: ModelArguments, args: ExportArguments) -> Path:
     merged.save_pretrained(out, max_shard_size=args.max_shard_size)
     processor.save_pretrained(out)
     standardize_processor_class(out)
+    write_video_processor_config(out, processor)
     (out / "README.md").write_text(
         f"# Merged by vltune export\n\n- base model: `{base}`\n- LoRA adapter: `{args.adapters}`\n"
         f"- dtype: {model_args.torch_dtype}\n\nLoad with `AutoModelForImageTextToText.from_pretrained('{out}')` "

@@ -37,6 +37,8 @@ from ..train.grpo_callbacks import GRPORunLog
 from ..train.grpo_config import ARG_GROUPS, GRPOTrainingArguments, RewardArguments
 from ..train.grpo_heldout import heldout_reward
 from ..train.grpo_prompts import build_prompts, rows_to_dataset
+from ..errors import UsageError
+from ..rewards.registry import resolve_rewards
 from ..train.run import load_base, load_hint, log_preflight, open_run, resolve_resume, write_model_card
 
 logger = logging.getLogger("vltune")
@@ -60,12 +62,16 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
     from ..train.sft import build_model
 
     with open_run(args.output_dir, (model_args, tuner, data, reward, args), args.seed, args.wandb_project) as out:
+        resolved = resolve_rewards(reward.reward_funcs, reward.external_plugins)  # before any weight is loaded
+        if args.reward_weights and len(args.reward_weights) != len(resolved):
+            raise UsageError(f"--reward_weights has {len(args.reward_weights)} values for {len(resolved)} "
+                             f"--reward_funcs ({', '.join(reward.reward_funcs)}); give one weight per reward")
         path, processor, family = load_base(model_args)
         rows, heldout, report = build_prompts(data, reward, processor, args.seed, str(out), family.coords)
         train_ds = rows_to_dataset(rows)
         ctx = RewardContext(args=reward, processor=processor, coords=family.coords, output_dir=str(out),
                             extra={"device": str(args.device), "seed": args.seed})
-        reward_funcs = build_reward_funcs(reward.reward_funcs, ctx, reward.external_plugins)
+        reward_funcs = build_reward_funcs(reward.reward_funcs, ctx, resolved=resolved)
         weights = list(args.reward_weights) if args.reward_weights else [1.0] * len(reward_funcs)
         if len(weights) != len(reward_funcs):
             raise ValueError(f"--reward_weights has {len(weights)} values for {len(reward_funcs)} --reward_funcs "
@@ -100,7 +106,7 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
                     "beta %g, loss %s", groups, args.num_generations, groups, args.max_steps if args.max_steps > 0
                     else "epoch-based", args.updates_per_batch, args.beta, args.loss_type)
         t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint))
+        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
         train_seconds = time.time() - t0
         metrics = dict(result.metrics)
 

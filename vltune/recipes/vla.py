@@ -273,7 +273,7 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
         if eval_ds is not None:
             trainer.get_eval_dataloader = eval_loader(trainer, eval_ds, eval_collator)
         t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint))
+        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
         metrics = dict(result.metrics)
         metrics["train_wall_seconds"] = round(time.time() - t0, 1)
         if constant_dims:

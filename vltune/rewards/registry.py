@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import UsageError
+
 logger = logging.getLogger("vltune")
 
 # name -> "module:attribute", imported on first use
@@ -47,6 +49,15 @@ _REGISTERED: dict[str, Any] = {}  # filled by @register_reward and plug-in files
 
 class RewardError(RuntimeError):
     """A reward function failed or broke the reward contract; the message names reward, batch and fix."""
+
+
+# What each calling style passes (the README's "Your own reward" says the same).
+RECEIVES = {
+    "trl": "A TRL-signature function f(prompts, completions, **kwargs) receives TRL's arguments unchanged: with "
+           "chat prompts, each completion is a list of messages [{'role': 'assistant', 'content': str}] (use "
+           "completion[0]['content'], or vltune.rewards.completion_text(completion)); each prompt a list of messages.",
+    "swift": "An ms-swift-style class's __call__(completions, **kwargs) receives each completion as a plain str.",
+}
 
 
 @dataclass
@@ -100,14 +111,19 @@ def load_external_plugins(paths: list[str]) -> list[Any]:
         path = Path(spec).expanduser()
         if path.suffix == ".py" or path.exists():
             if not path.exists():
-                raise FileNotFoundError(f"--external_plugins: {spec} does not exist")
+                raise UsageError(f"--external_plugins {spec}: no such file; give the path of your Python file of "
+                                 f"reward functions")
             mod_name = f"vltune_plugin_{i}_{path.stem}"
             module_spec = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[mod_name] = module  # picklable rewards and dataclasses in the plug-in need this
             module_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(spec)
+            try:
+                module = importlib.import_module(spec)
+            except ModuleNotFoundError as e:
+                raise UsageError(f"--external_plugins {spec}: neither a file nor an importable module ({e}); give "
+                                 f"the path of your Python file of reward functions") from None
         for name, obj in (getattr(module, "orms", None) or {}).items():
             _REGISTERED[name] = obj
         modules.append(module)
@@ -129,7 +145,7 @@ def resolve_reward(name: str, plugins: list[Any]) -> Any:
     known = sorted(set(BUILTIN_REWARDS) | set(_REGISTERED))
     hint = (" (and the plug-in files' top-level functions/classes)" if plugins
             else "; a function of your own needs --external_plugins your_file.py")
-    raise ValueError(f"unknown reward {name!r}: choose from {', '.join(known)}{hint}")
+    raise UsageError(f"--reward_funcs {name}: unknown reward; choose from {', '.join(known)}{hint}")
 
 
 # ---------------------------------------------------------------- building checked callables
@@ -160,6 +176,8 @@ def _describe_batch(prompts: list, kwargs: dict) -> str:
 
 def checked(name: str, fn: Callable, style: str) -> Callable:
     """Wrap `fn` so that a failure or a broken contract raises RewardError naming reward, batch and fix."""
+
+    warned: list = []  # the constant-value warning is given once per reward
 
     def reward(prompts, completions, **kwargs):
         call_completions = [completion_text(c) for c in completions] if style == "swift" else completions
@@ -198,6 +216,13 @@ def checked(name: str, fn: Callable, style: str) -> Callable:
                 raise RewardError(f"reward {name!r} returned {f} for completion {i} of the "
                                   f"{_describe_batch(prompts, kwargs)}; return a finite float, or None to skip it.")
             out.append(f)
+        if not warned and not _is_builtin(fn) and len(out) > 1 and len({v for v in out if v is not None}) == 1:
+            warned.append(True)
+            logger.warning(
+                "[rewards] reward %r gave the same value %g to all %d completions (%s): if that is not intended, "
+                "check what it receives. Completion 0 exactly as the reward received it: %r. %s",
+                name, next(v for v in out if v is not None), len(out), _describe_batch(prompts, kwargs),
+                call_completions[0], RECEIVES[style])
         return out
 
     reward.__name__ = name  # TRL logs rewards/<__name__>/mean
@@ -206,14 +231,19 @@ def checked(name: str, fn: Callable, style: str) -> Callable:
     return reward
 
 
-def build_reward_funcs(names: list[str], ctx: RewardContext, plugins: list[str] | None = None) -> list[Callable]:
-    """Checked reward callables for `names` (built-ins, registered names, or plug-in functions/classes)."""
+def build_reward_funcs(names: list[str], ctx: RewardContext, plugins: list[str] | None = None,
+                       resolved: list[tuple[str, Any]] | None = None) -> list[Callable]:
+    """Checked reward callables for `names` (built-ins, registered names, or plug-in functions/classes);
+    `resolved` = what `resolve_rewards` returned, if the recipe called it already."""
+    resolved = resolve_rewards(names, plugins) if resolved is None else resolved
+    return [checked(name, *instantiate(name, obj, ctx)) for name, obj in resolved]
+
+
+def resolve_rewards(names: list[str], plugins: list[str] | None = None) -> list[tuple[str, Any]]:
+    """(name, function or class) for each of `names`, plug-in files imported once: cheap, so a recipe calls it
+    before loading any weights (an unknown name or a missing file is a UsageError)."""
     if not names:
-        raise ValueError("no reward: give --reward_funcs (e.g. click, iou, accuracy, format, length, clip_sd3)")
+        raise UsageError("--reward_funcs: no reward given; name one or more (e.g. click, iou, accuracy, format, "
+                         "length, clip_sd3)")
     modules = load_external_plugins(plugins or [])
-    funcs = []
-    for name in names:
-        obj = resolve_reward(name, modules)
-        fn, style = instantiate(name, obj, ctx)
-        funcs.append(checked(name, fn, style))
-    return funcs
+    return [(name, resolve_reward(name, modules)) for name in names]

@@ -68,7 +68,8 @@ class GRPORunLog(TrainerCallback):
                 logger.warning(
                     "[grpo] step %d: in every group all %d completions got the same reward, so every advantage is 0 "
                     "and loss/grad_norm are 0 (only the KL term acts): the model did not learn from this step. Not a "
-                    "bug; if it persists, raise --temperature or --num_generations, or use a reward with finer grades.",
+                    "bug; if it persists, raise --temperature or --num_generations, or use a reward with finer grades. If a "
+                    "reward of yours gives one value to everything, see its warning above: check what it receives.",
                     state.global_step, args.num_generations)
             if self.log_completions:
                 self._write_completions(state.global_step)

@@ -3,6 +3,8 @@ column kept for the rewards, as a datasets.Dataset TRL samples from."""
 
 from __future__ import annotations
 
+from ..arg_checks import check_users_have_data
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +90,8 @@ def build_prompts(data: DataArguments, reward: RewardArguments, processor, seed:
     if not specs:
         from ..data.synthetic import make_grounding_set
 
+        check_users_have_data(data.users)
+
         made = make_grounding_set(Path(output_dir) / "demo_data", n_train=256, n_test=32, seed=seed,
                                   convention=convention, processor=processor)
         specs = [made["train"]]
@@ -99,7 +103,7 @@ def build_prompts(data: DataArguments, reward: RewardArguments, processor, seed:
     rows, report = prompt_rows(samples, processor, data.max_length, errors, reward.solution_column)
     report.log("train prompts")
     if report.skipped and data.strict:
-        raise DataError("invalid prompts in the training data (--strict true):\n  " + "\n  ".join(report.lines()))
+        raise report.strict_error("prompt")
     if not rows:
         raise DataError("no usable training prompt; see the report above")
     heldout: list[PromptRow] = []

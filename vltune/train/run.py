@@ -71,12 +71,13 @@ def log_preflight(model, batch: dict, device, bf16: bool = False, fp16: bool = F
     return norms
 
 
-def resolve_resume(value):
-    """--resume_from_checkpoint: unset/false -> None (start fresh); true -> True (the newest checkpoint-N in
-    --output_dir, found by the Trainer); anything else -> that checkpoint directory."""
-    if value in (None, "", False, "false", "False"):
-        return None
-    return True if value in (True, "true", "True") else value
+def resolve_resume(value, output_dir: str):
+    """--resume_from_checkpoint: unset/false -> None (start fresh); true -> the newest checkpoint-N in
+    --output_dir; anything else -> that checkpoint directory. Logs where the run resumes from
+    (vltune.resume.resume_checkpoint); a missing checkpoint is a UsageError."""
+    from ..resume import resume_checkpoint
+
+    return resume_checkpoint(value, output_dir)
 
 
 def load_hint(base: str, out: Path, train_type: str) -> str:

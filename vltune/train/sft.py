@@ -7,6 +7,8 @@ gradient-flow preflight -> HF Trainer -> save adapter/weights, processor, logs a
 
 from __future__ import annotations
 
+from ..arg_checks import check_users_have_data
+
 import json
 import logging
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, c
     elif not specs:
         from ..data.synthetic import make_grounding_set
 
+        check_users_have_data(data.users)
+
         made = make_grounding_set(Path(output_dir) / "demo_data", n_train=512, n_test=64, seed=seed,
                                   convention=convention, processor=processor)
         specs = [made["train"]]
@@ -57,7 +61,7 @@ def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, c
     kept, lengths, report = validate_samples(samples, processor, data.max_length, data.loss_scale, read_errors)
     report.log("train")
     if report.skipped and data.strict:
-        raise DataError("invalid samples in the training data (--strict true):\n  " + "\n  ".join(report.lines()))
+        raise report.strict_error("sample")
     if not kept:
         raise DataError("no usable training sample; see the report above")
     eval_ds = None
@@ -128,7 +132,7 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=collator, processing_class=processor, callbacks=callbacks)
         attach_debug_callback(trainer)  # per-rank dump when $VLTUNE_DEBUG_DIST_DIR is set (vltune/train/debug.py)
-        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint))
+        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
         metrics = dict(result.metrics)
         if eval_ds is not None:
             metrics.update(trainer.evaluate())

@@ -24,7 +24,7 @@ class VLAModelArguments(ModelArguments):
 
 @dataclass
 class VLATunerArguments(TunerArguments):
-    train_type: str = field(default="full", metadata={
+    train_type: str = field(default="full", metadata={"choices": ["lora", "full", "frozen"],
         "help": "lora | full | frozen. full: train the backbone (RoboVLMs' full-ft); lora: adapters on the "
                 "unfrozen parts; frozen: backbone fixed, only the head (+ state encoder) trains. The head always "
                 "trains."})
@@ -68,8 +68,8 @@ class PolicyArguments:
     head_input_norm: str = field(default="batch", metadata={
         "help": "How the head normalises its per-frame input features: batch (per-feature statistics over the "
                 "batch's frames, running ones at inference: removes each feature's constant offset, so small "
-                "variations such as where an object is stand out; on the Meta-World benchmark it took drawer-open "
-                "from 45% to 100%) | layer (LayerNorm per frame)."})
+                "variations such as where an object is stand out; the README's Meta-World table compares the two) | "
+                "layer (LayerNorm per frame)."})
     image_size: int = field(default=96, metadata={
         "help": "Images are resized to this square size before the backbone. For the Qwen-VL tiny models one "
                 "image token covers 32x32 px, so 96 px = 9 tokens per image; more pixels = more tokens."})

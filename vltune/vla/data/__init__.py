@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from ...errors import UsageError
+
 from .episodes import Episode, check_consistent
 
 # name -> module holding read(path, **kw) and write(episodes, path, **kw)
@@ -22,12 +24,15 @@ FORMATS = {
 
 
 def detect_format(path: str) -> str:
+    if not Path(path).expanduser().exists():
+        raise UsageError(f"--dataset {path}: does not exist; give a CALVIN or LeRobot v3 directory (or leave "
+                         f"--dataset out for the synthetic reaching set)")
     p = Path(path)
     if (p / "meta" / "info.json").exists():
         return "lerobot"
     if (p / "ep_start_end_ids.npy").exists() or (p / "training" / "ep_start_end_ids.npy").exists():
         return "calvin"
-    raise ValueError(f"{path}: not a CALVIN directory (no ep_start_end_ids.npy, nor training/ep_start_end_ids.npy) "
+    raise UsageError(f"--dataset {path}: not a CALVIN directory (no ep_start_end_ids.npy, nor training/ep_start_end_ids.npy) "
                      f"nor a LeRobot v3 dataset (no meta/info.json); pass --data_format calvin|lerobot")
 
 
