@@ -31,6 +31,7 @@ _ENV_SET_BY_LIBRARIES = {
     "TOKENIZERS_PARALLELISM",  # vltune.console.setup_logging (setdefault, before any fork)
     "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",  # torch / OpenMP at first use
     "CUDA_MODULE_LOADING",  # torch at first CUDA query
+    "TORCHINDUCTOR_CACHE_DIR",  # torch._inductor, the first time something in the process imports it
     "PYTEST_CURRENT_TEST",  # pytest's own, per phase
 }
 

@@ -51,22 +51,33 @@ def test_fresh_position_per_seed_not_the_mt1_fifty(metaworld_env):
     assert len(positions) == 60, "MT1 reuses 50 fixed positions unless _freeze_rand_vec is off"
 
 
-def test_demos_train_and_closed_loop_eval(metaworld_env, tmp_path):
-    from vltune.recipes.eval_vla import main as eval_main
+@pytest.fixture(scope="module")
+def reach_policy(metaworld_env, tmp_path_factory):
+    """(demo dir, its metadata, the trained policy's result) for reach-v3: 2 demos, a 2-step policy."""
     from vltune.recipes.vla import main as vla_main
     from vltune.vla.data.metaworld_demos import record_demos
 
-    data = tmp_path / "mw"
+    tmp = tmp_path_factory.mktemp("mw")
+    data = tmp / "mw"
     meta = record_demos(["reach-v3"], str(data), episodes=2, val_episodes=1, image_size=64, hold_steps=0)
+    res = vla_main(["--dataset", str(data), "--tiny_size", "xs", "--output_dir", str(tmp / "p"),
+                    "--max_steps", "2", "--report_to", "none", "--save_strategy", "no", "--image_size", "64",
+                    "--window_size", "1", "--fwd_pred_next_n", "3", "--exec_steps", "2"])
+    return data, meta, res
+
+
+def test_demos_train_and_closed_loop_eval(reach_policy, tmp_path):
+    from vltune.recipes.eval_vla import main as eval_main
+
+    data, meta, res = reach_policy
     info = meta["per_task"]["reach-v3"]
     assert info["training_seeds"] == [0, 1] and info["validation_seeds"] == [2] and not info["failed_seeds"]
     assert json.loads((data / "metaworld_demos.json").read_text())["tasks"] == ["reach-v3"]
-    res = vla_main(["--dataset", str(data), "--tiny_size", "xs", "--output_dir", str(tmp_path / "p"),
-                    "--max_steps", "2", "--report_to", "none", "--save_strategy", "no", "--image_size", "64",
-                    # one task: its gripper effort is constant, which minmax cannot scale (a clear error otherwise)
-                    "--norm_action", "bounds", "--norm_min", "-1", "--norm_max", "1"])
     assert res.config.action_dim == 4 and res.config.state_dim == 4
-    report = eval_main(["--policy", str(tmp_path / "p"), "--tasks", "reach-v3", "--episodes", "2",
+    # one task: the gripper effort never changes; that dimension is kept constant instead of stopping the run
+    assert res.config.constant_dims == [3] and res.config.gripper_dims == []
+    report = eval_main(["--policy", res.output_dir, "--output_dir", str(tmp_path / "eval"), "--tasks", "reach-v3",
+                        "--episodes", "2",
                         "--max_episode_steps", "8", "--image_size", "64", "--train_data", str(data),
                         "--videos_per_task", "1"])
     (task,) = report["tasks"]
@@ -75,7 +86,29 @@ def test_demos_train_and_closed_loop_eval(metaworld_env, tmp_path):
     assert all(1 <= n <= 8 for n in task["lengths"])  # within the --max_episode_steps budget
     assert min(task["seeds"]) >= 1_000_000 and task["min_distance_to_training"] > 0 and task["mean_distance_to_training"] > 0
     assert report["latency"]["p50_ms"] > 0
-    gifs = list((tmp_path / "p" / "eval" / "videos").glob("reach-v3_ep00_*.gif"))
+    gifs = list((tmp_path / "eval" / "videos").glob("reach-v3_ep00_*.gif"))
     assert len(gifs) == 1
-    md = (tmp_path / "p" / "eval" / "eval_report.md").read_text()
+    md = (tmp_path / "eval" / "eval_report.md").read_text()
     assert "Mean success" in md and f"({task['successes']}/2)" in md
+
+
+def test_closed_loop_through_the_server_equals_in_process(reach_policy, tmp_path):
+    """`eval vla --policy_server` with synchronous chunks: same actions, lengths and successes as `--policy`."""
+    from vltune.recipes.eval_vla import main as eval_main
+    from vltune.vla.policy import Policy
+    from vltune.vla.server import create_app, running_server
+
+    _, _, res = reach_policy
+    common = ["--tasks", "reach-v3", "--episodes", "2", "--max_episode_steps", "7", "--image_size", "64",
+              "--videos_per_task", "0", "--record_actions", "true"]
+    local = eval_main(["--policy", res.output_dir, "--output_dir", str(tmp_path / "local"), *common])
+    with running_server(create_app(Policy.from_pretrained(res.output_dir))) as url:
+        remote = eval_main(["--policy_server", url, "--output_dir", str(tmp_path / "remote"), *common])
+        threaded = eval_main(["--policy_server", url, "--output_dir", str(tmp_path / "async"), "--chunk_threshold",
+                              "0.5", "--encoding", "json", *common])
+    (a,), (b,) = local["tasks"], remote["tasks"]
+    assert a["successes"] == b["successes"] and a["lengths"] == b["lengths"] and a["seeds"] == b["seeds"]
+    np.testing.assert_allclose(np.asarray(a["actions"]), np.asarray(b["actions"]), atol=1e-4)
+    assert remote["client"]["chunks"] == sum((n + 1) // 2 for n in b["lengths"])  # 2 actions per synchronous chunk
+    (c,) = threaded["tasks"]
+    assert c["episodes"] == 2 and c["control_hz"] > 0 and threaded["client"]["background_chunks"] > 0

@@ -218,23 +218,43 @@ def test_bad_statistics_raise_clearly():
     bad[4, 1] = np.nan
     with pytest.raises(NormalizationError, match=r"action: non-finite value nan in ep7\.npz, frame 4, dimension 1"):
         compute_stats([x, bad], "action", sources=["ep0.npz", "ep7.npz"])
-    with pytest.raises(NormalizationError, match=r"action dimension 2 is constant.*--gripper_dims"):
-        Normalizer("action", "meanstd", _stats(x), dims=[0, 1, 2])
+    constant = Normalizer("action", "meanstd", _stats(x), dims=[0, 1, 2])  # dim 2 is exactly constant: centred
+    assert constant.constant_dims == [2]
+    np.testing.assert_allclose(constant.unnormalize(constant.normalize(x)), x, atol=1e-6)
+    tiny = x.copy()
+    tiny[:, 2] = np.linspace(0, 1e-9, 10)  # varies, but by next to nothing: dividing would magnify noise
+    with pytest.raises(NormalizationError, match=r"action dimension 2 varies, but only by.*--norm_action bounds"):
+        Normalizer("action", "meanstd", _stats(tiny), dims=[0, 1, 2])
     Normalizer("action", "bounds", _stats(x), dims=[0, 1, 2])  # a fixed range does not divide by the data's std
     inf = FeatureStats(mean=[0.0], std=[float("inf")], min=[0.0], max=[1.0], q01=[0.0], q99=[1.0], count=1)
     with pytest.raises(NormalizationError, match=r"state statistics: std\[0\] = inf"):
         Normalizer("state", "meanstd", inf, dims=[0])
 
 
-def test_constant_action_dim_stops_training_with_the_fix(tmp_path):
-    eps = make_episodes(4, length=5, action_dim=3, gripper_dims=[], state_dim=0)
+def test_constant_action_dim_is_kept_constant_not_a_stop(tmp_path, caplog):
+    """A dimension that never varies (a task mix whose gripper never moves) trains with a warning: it is left
+    out of the loss and output as its value; a near-zero spread that is not constant still stops the run."""
+    from vltune.vla.data import write_episodes
+    from vltune.vla.policy import Policy
+
+    eps = make_episodes(4, length=5, action_dim=3, gripper_dims=[], state_dim=2)
     for e in eps:
         e.actions[:, 2] = 0.5
-    from vltune.vla.data import write_episodes
-
+        e.state[:, 1] = -1.0  # a constant proprio dimension too
     write_episodes(eps, str(tmp_path / "d"), fmt="calvin")
-    with pytest.raises(NormalizationError, match="action dimension 2 is constant"):
-        train(tmp_path / "o", str(tmp_path / "d"), "--gripper_dims", "none", "--val_episodes_ratio", "0")
+    res = train(tmp_path / "o", str(tmp_path / "d"), "--gripper_dims", "none", "--val_episodes_ratio", "0")
+    assert res.config.constant_dims == [2] and res.config.constant_values == [0.5] and res.config.arm_dims == [0, 1]
+    assert "kept constant" in (tmp_path / "o" / "train.log").read_text()
+    assert json.loads((tmp_path / "o" / "train_results.json").read_text())["constant_action_dims"] == {"2": 0.5}
+    assert "constant dims" in (tmp_path / "o" / "README.md").read_text()
+    policy = Policy.from_pretrained(res.output_dir)
+    a = policy.step({"static": eps[0].images["static"][0]}, eps[0].instruction, eps[0].state[0])
+    assert a[2] == 0.5 and np.isfinite(a).all()
+    for e in eps:
+        e.actions[:, 2] = 0.5 + np.linspace(0, 4e-7, len(e.actions))  # float32 steps of ~6e-8
+    write_episodes(eps, str(tmp_path / "d2"), fmt="calvin")
+    with pytest.raises(NormalizationError, match="action dimension 2 varies, but only by"):
+        train(tmp_path / "o2", str(tmp_path / "d2"), "--gripper_dims", "none", "--val_episodes_ratio", "0")
 
 
 def test_fast_patchify_matches_the_processor(processor_for):
@@ -282,6 +302,92 @@ def test_robovlms_config_maps_keys_and_lists_ignored(tmp_path, calvin_set, caplo
                     "--learning_rate", "1e-3", "--image_size", "64"])
     assert res.config.window_size == 2 and res.config.fwd_pred_next_n == 3 and res.config.head_hidden == 32
     assert res.config.train_type == "lora" and res.config.action_head == "LSTMDecoder"
+
+
+def robovlms_all_keys(data_dir: str, model_path: str, out: str) -> dict:
+    """Every key that RoboVLMs' configs/calvin_finetune/*.json use (union over its 8 files), our own values."""
+    return {
+        "robovlm_name": "RoboQwen", "parent": None, "task_name": "calvin_finetune", "model": "qwen",
+        "model_url": "https://example.invalid/tiny", "seq_len": 1, "fwd_pred_next_n": 3, "arm_gripper_loss_ratio": 0.01,
+        "cap_loss_ratio": 0.05, "fwd_loss_ratio": 0, "window_size": 2, "image_size": 64,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "seed": 7, "batch_size": 4, "num_workers": 0,
+        "data_scale": 1, "optimizer": "adam", "learning_rate": 1e-3, "min_lr_scale": 0.01, "weight_decay": 0,
+        "warmup_epochs": 0.25, "warmup_steps": 0, "warmup_ratio": None, "use_hand_rgb": False,
+        "use_time_causal_attn": False, "use_mim_obs_loss": False, "use_pixel_loss": True, "use_obs_queries": True,
+        "vision_masked_ratio": 0.9, "use_tube_mask": False, "output_root": out, "log_root": out + "/logs",
+        "cache_root": out + "/cache", "model_path": model_path, "model_config": model_path + "/config.json",
+        "model_load_path": None, "model_load_source": "torch", "gradient_clip_val": 1.0, "resume": None,
+        "vision_encoder": {"clip_vision_encoder_path": "ViT-x", "clip_vision_encoder_pretrained": "none"},
+        "vlm": {"type": "AutoModelForImageTextToText", "pretrained_model_name_or_path": model_path, "name": "qwen",
+                "residual": False},
+        "tokenizer": {"type": "AutoProcessor", "pretrained_model_name_or_path": model_path, "tokenizer_type": "qwen",
+                      "max_text_len": 64, "additional_special_tokens": None, "use_img_start_end": False,
+                      "image_start_token": "<s>", "image_end_token": "</s>", "use_act_start_end": False,
+                      "action_start_token": "<a>", "action_end_token": "</a>", "use_bbox_start_end": False,
+                      "bbox_start_token": "<b>", "bbox_end_token": "</b>"},
+        "train_setup": {"predict_action": True, "predict_forward": False, "predict_forward_hand": False,
+                        "predict_caption": False, "train_vision": True, "train_resampler": False,
+                        "train_text_embedding": True, "train_full_decoder": False, "train_decoder_layers": -1,
+                        "precision": "bf16", "bits": -1, "freeze_mm_mlp_adapter": False, "freeze_backbone": False,
+                        "freeze_resampler": False, "tune_mm_mlp_adapter": False, "mm_use_im_start_end": False,
+                        "mm_use_im_patch_token": False, "gradient_checkpointing": False, "lora_enable": False,
+                        "mm_projector_lr": 1e-4, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+                        "lora_bias": "none"},
+        "act_encoder": None,
+        "act_head": {"type": "LSTMDecoder", "hidden_size": 32, "action_dim": 7, "down_sample": "none", "latent": 1,
+                     "fwd_pred_next_n": 1, "window_size": 1, "action_space": "continuous", "with_history": True,
+                     "history_type": "post", "token_source": "all"},
+        "fwd_head": None,
+        "trainer": {"accelerator": "gpu", "strategy": "deepspeed_stage_2", "precision": "16",
+                    "logger": ["tensorboard"], "gradient_clip_val": 1.0, "use_distributed_sampler": False,
+                    "log_every_n_steps": 1, "max_epochs": 5, "val_check_interval": None,
+                    "check_val_every_n_epoch": 1, "max_steps": 2, "limit_val_batches": 10,
+                    "accumulate_grad_batches": 1},
+        "train_dataset": {"type": "DiskCalvinDataset", "data_dir": data_dir, "shift_first": False,
+                          "tokenizer_type": "qwen", "rgb_pad": 10, "gripper_pad": 4, "traj_cons": False,
+                          "model_name": "qwen"},
+        "val_dataset": {"type": "DiskCalvinDataset", "data_dir": data_dir, "tokenizer_type": "qwen",
+                        "model_name": "qwen"},
+        "norm_action": True, "norm_min": -0.65, "norm_max": 0.65, "use_vision_resampler": False,
+        "vision_resampler": {"vis_dim": 64, "depth": 1, "dim_head": 8, "heads": 2, "num_latents": 4},
+        "vl_cotrain_ratio": 1, "llava": "none", "llava_config": "none.json", "qwen": "tiny",
+    }
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_every_mapped_robovlms_key_is_a_real_option(tmp_path, calvin_set, tiny_path, cuda):
+    import dataclasses
+
+    from vltune.train.vla_config import ARG_GROUPS
+    from vltune.vla.robovlms_config import map_robovlms
+
+    ours, mapped, ignored = map_robovlms(robovlms_all_keys(calvin_set, tiny_path(), str(tmp_path)), cuda=cuda)
+    options = {f.name for group in ARG_GROUPS for f in dataclasses.fields(group)}
+    assert set(ours) <= options, sorted(set(ours) - options)
+    assert ours["warmup_steps"] == 0.25 / 5 and ours["logging_dir"] == str(tmp_path) + "/logs"
+    if cuda:
+        assert ours["deepspeed"] == "zero2" and ours["fp16"] is True
+    else:
+        assert "deepspeed" not in ours
+        (line,) = [x for x in ignored if x.startswith("trainer.strategy")]
+        assert "dropped, because" in line and "--deepspeed zero2" in line
+
+
+def test_robovlms_config_with_every_key_trains(tmp_path, calvin_set, tiny_path, monkeypatch):
+    import tempfile
+
+    from vltune.vla.robovlms_config import map_robovlms  # noqa: F401  (the path under test)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    cfg = tmp_path / "finetune_all_keys.json"
+    cfg.write_text(json.dumps(robovlms_all_keys(calvin_set, tiny_path(), str(tmp_path / "out"))))
+    res = vla_main(["--config", str(cfg), "--save_strategy", "no"])
+    assert res.config.window_size == 2 and res.config.fwd_pred_next_n == 3 and res.config.head_hidden == 32
+    assert (tmp_path / "out" / "policy.safetensors").exists()
+    assert list((tmp_path / "tmp").iterdir()) == [], "the mapped temporary config is deleted"
+    assert list((tmp_path / "out" / "logs").glob("events.out.tfevents.*")), "TensorBoard events go to log_root"
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 def test_latency_benchmark_reports_percentiles(tmp_path, calvin_set):

@@ -3,11 +3,15 @@
     vltune eval vla --policy out/mw --env metaworld \
         --tasks button-press-topdown-v3,drawer-open-v3,drawer-close-v3 --episodes 20 --max_episode_steps 150
     vltune eval vla --policy out/mw --env none --latency_steps 200     # latency benchmark only
+    vltune eval vla --policy_server http://127.0.0.1:8777 --tasks drawer-open-v3   # policy behind `vltune serve policy`
 
 Held-out episodes: seed `--seed_base + 10000 * task_index + episode` with fresh object positions per seed
 (vltune/vla/metaworld_env.py), disjoint from the demo seeds; with `--train_data <demo dir>` the report also
 gives the smallest distance between an evaluation position and any training position of the task.
 Writes eval_report.json, eval_report.md and GIF rollouts to --output_dir (default <policy>/eval).
+With --policy_server the environment runs here and the policy behind the server (vltune/vla/client.py):
+--chunk_threshold 0 (synchronous chunks) gives the same actions as --policy on the same seeds; above 0
+the next chunk is fetched in the background and the report gives the control rate reached.
 """
 
 from __future__ import annotations
@@ -30,6 +34,19 @@ logger = logging.getLogger("vltune")
 @dataclass
 class VLAEvalArguments:
     policy: str = field(default="output/vla", metadata={"help": "A `vltune vla` output or checkpoint directory."})
+    policy_server: str | None = field(default=None, metadata={
+        "help": "URL of a `vltune serve policy` server (e.g. http://127.0.0.1:8777): the env runs here, the "
+                "policy there; replaces --policy."})
+    chunk_threshold: float = field(default=0.0, metadata={
+        "help": "With --policy_server: 0 = synchronous chunks (actions equal --policy's); 0-1 = fetch the next "
+                "chunk in the background once fewer than this fraction of a chunk is queued."})
+    aggregate: str = field(default="weighted_average", metadata={
+        "help": "With --policy_server and asynchronous chunks, how overlapping actions blend: latest_only | "
+                "weighted_average (0.3 old + 0.7 new) | average | conservative (0.7 old + 0.3 new)."})
+    encoding: str = field(default="msgpack", metadata={"help": "With --policy_server: msgpack | json (json-numpy)."})
+    api_key: str | None = field(default=None, metadata={"help": "With --policy_server: the server's --api_key."})
+    record_actions: bool = field(default=False, metadata={
+        "help": "Store every executed action in eval_report.json (to compare two runs step by step)."})
     env: str = field(default="metaworld", metadata={"help": "metaworld | none (latency benchmark only)."})
     tasks: str = field(default="button-press-topdown-v3,drawer-open-v3,drawer-close-v3", metadata={
         "help": "Comma-separated Meta-World tasks (the instruction of each comes from vltune/vla/metaworld_env.py)."})
@@ -61,6 +78,8 @@ class TaskResult:
     seeds: list[int]
     min_distance_to_training: float | None = None  # metres, over this task's evaluation episodes
     mean_distance_to_training: float | None = None  # metres: each evaluation position to its nearest training one
+    control_hz: float | None = None  # control steps per second of wall time (render + policy + env step)
+    actions: list | None = None  # per episode, per step: the executed action (--record_actions)
 
 
 def latency_summary(ms: list[float]) -> dict:
@@ -115,14 +134,16 @@ def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: 
         raise ValueError(f"the policy uses cameras {roles}; pass as many env cameras with --cameras")
     env = MetaWorldEnv(task, cams[: len(roles)], a.image_size)
     train_pos = _training_positions(a.train_data, task)
-    lengths, ok_lengths, successes, seeds, dists = [], [], 0, [], []
+    lengths, ok_lengths, successes, seeds, dists, actions = [], [], 0, [], [], []
+    loop_s, loop_steps = 0.0, 0
     for ep in range(a.episodes):
         seed = a.seed_base + 10_000 * task_index + ep
         obs = env.reset(seed)
         if train_pos is not None and len(train_pos):
             dists.append(float(np.linalg.norm(train_pos - env.object_position(obs), axis=1).min()))
         policy.reset()
-        frames, success, steps = [], False, a.max_episode_steps
+        frames, success, steps, executed = [], False, a.max_episode_steps, []
+        t_loop = time.perf_counter()
         for t in range(a.max_episode_steps):
             rendered = env.render()
             images = {role: rendered[cam] for role, cam in zip(roles, env.cameras)}
@@ -131,10 +152,16 @@ def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: 
             t0 = time.perf_counter()
             action = policy.step(images, env.instruction, obs[:STATE_DIMS])
             step_ms.append((time.perf_counter() - t0) * 1000)
+            if a.record_actions:
+                executed.append([float(v) for v in action])
             obs, ok = env.step(action)
             if ok:
                 success, steps = True, t + 1
                 break
+        loop_s += time.perf_counter() - t_loop
+        loop_steps += min(steps, a.max_episode_steps)
+        if a.record_actions:
+            actions.append(executed)
         successes += success
         lengths.append(steps)
         if success:
@@ -147,17 +174,30 @@ def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: 
                       success_rate=successes / a.episodes, mean_length=float(np.mean(lengths)),
                       mean_success_length=float(np.mean(ok_lengths)) if ok_lengths else None, lengths=lengths,
                       seeds=seeds, min_distance_to_training=round(min(dists), 5) if dists else None,
-                      mean_distance_to_training=round(float(np.mean(dists)), 5) if dists else None)
+                      mean_distance_to_training=round(float(np.mean(dists)), 5) if dists else None,
+                      control_hz=round(loop_steps / loop_s, 1) if loop_s else None,
+                      actions=actions if a.record_actions else None)
 
 
 def run_eval(a: VLAEvalArguments) -> dict:
     from ..vla.policy import Policy
 
     setup_logging()
-    out = Path(a.output_dir or Path(a.policy) / "eval")
+    out = Path(a.output_dir or (Path(a.policy) / "eval" if not a.policy_server else "output/eval_server"))
     out.mkdir(parents=True, exist_ok=True)
-    policy = Policy.from_pretrained(a.policy)
-    report: dict = {"policy": a.policy, "args": asdict(a), "use_images": policy.config.use_images}
+    client = None
+    if a.policy_server:
+        from ..vla.client import PolicyClient, RemotePolicy
+
+        client = PolicyClient(a.policy_server, chunk_threshold=a.chunk_threshold, aggregate=a.aggregate,
+                              encoding=a.encoding, api_key=a.api_key)
+        policy = RemotePolicy(client)
+        logger.info("[eval] policy behind %s (%s, %s chunks)", a.policy_server, a.encoding,
+                    "synchronous" if client.synchronous else f"asynchronous, threshold {a.chunk_threshold}, "
+                    f"{a.aggregate}")
+    else:
+        policy = Policy.from_pretrained(a.policy)
+    report: dict = {"policy": a.policy_server or a.policy, "args": asdict(a), "use_images": policy.config.use_images}
     if a.env == "none":
         report["latency"] = benchmark_latency(policy, a.latency_steps)
         logger.info("[latency] p50 %.1f ms, p95 %.1f ms per step, %.1f actions/s", report["latency"]["p50_ms"],
@@ -178,11 +218,16 @@ def run_eval(a: VLAEvalArguments) -> dict:
         report["mean_success_rate"] = float(np.mean([r.success_rate for r in results]))
         report["latency"] = latency_summary(step_ms)
         report["seconds"] = round(time.time() - t0, 1)
+        report["control_hz"] = round(float(np.mean([r.control_hz for r in results if r.control_hz])), 1)
+        if client is not None:
+            report["client"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in client.stats.items()}
         logger.info("[eval] mean success %.1f%% over %d tasks; latency p50 %.1f ms, p95 %.1f ms, %.1f actions/s",
                     100 * report["mean_success_rate"], len(results), report["latency"]["p50_ms"],
                     report["latency"]["p95_ms"], report["latency"]["actions_per_s"])
     else:
         raise ValueError(f"--env must be metaworld or none, got {a.env!r}")
+    if client is not None:
+        client.close()
     (out / "eval_report.json").write_text(json.dumps(report, indent=1))
     (out / "eval_report.md").write_text(_markdown(report))
     logger.info("[eval] report: %s", out / "eval_report.md")
@@ -205,7 +250,9 @@ def _markdown(r: dict) -> str:
                          f"{'-' if d is None else f'{1000 * m:.1f} mm ({1000 * d:.2f} mm)'} |")
         lines += ["", f"**Mean success: {100 * r['mean_success_rate']:.1f}%**", ""]
     lat = r["latency"]
-    lines += [f"Latency per step: p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms ({lat['actions_per_s']} actions/s).", ""]
+    lines += [f"Latency per step: p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms ({lat['actions_per_s']} actions/s)"
+              + (f"; control loop {r['control_hz']} steps/s with rendering and physics." if "control_hz" in r else "."),
+              ""]
     return "\n".join(lines)
 
 

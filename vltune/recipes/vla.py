@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,28 +54,49 @@ class VLAResult:
 
 
 # ---------------------------------------------------------------------------- RoboVLMs JSON
-def translate_robovlms_argv(argv: list[str]) -> list[str]:
-    """If --config names a RoboVLMs JSON, map it onto our keys (logged) and point --config at the result."""
+@contextmanager
+def robovlms_argv(argv: list[str]):
+    """If --config names a RoboVLMs JSON, map it onto our keys (logged) and yield argv with --config pointing
+    at the mapped file, a temporary one that is deleted on exit; otherwise yield argv unchanged."""
     from ..vla.robovlms_config import is_robovlms_config, load_with_parents, map_robovlms
 
-    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
-        return argv
-    i = next(k for k, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
-    path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
-    if not path.endswith(".json"):
-        return argv
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not is_robovlms_config(raw):
-        return argv
+    i = next((k for k, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    path = None if i is None else argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1] if i + 1 < len(argv) else None
+    if path is None or not path.endswith(".json") or not Path(path).is_file() or \
+            not is_robovlms_config(json.loads(Path(path).read_text(encoding="utf-8"))):
+        yield argv
+        return
     ours, mapped, ignored = map_robovlms(load_with_parents(path), cuda=torch.cuda.is_available())
     logger.info("[config] %s is a RoboVLMs config; mapped:\n  %s", path, "\n  ".join(mapped))
     if ignored:
         logger.info("[config] ignored RoboVLMs keys:\n  %s", "\n  ".join(ignored))
+    for line in ignored:
+        if "dropped, because" in line:
+            logger.warning("[config] %s", line)
     fd, tmp = tempfile.mkstemp(prefix="vltune_robovlms_", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(ours, f)
-    rest = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
-    return ["--config", tmp] + rest
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(ours, f)
+        yield ["--config", tmp] + argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
+    finally:
+        os.unlink(tmp)
+
+
+@contextmanager
+def tensorboard_dir(logging_dir: str | None):
+    """--logging_dir: transformers 5 reads the TensorBoard directory from TENSORBOARD_LOGGING_DIR (restored after)."""
+    if not logging_dir:
+        yield
+        return
+    before = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(logging_dir))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = before
 
 
 # ---------------------------------------------------------------------------- data
@@ -121,6 +143,23 @@ def resolve_gripper_dims(value: str, episodes: list[Episode]) -> tuple[list[int]
     return dims, values
 
 
+def resolve_constant_dims(episodes: list[Episode], gripper_dims: list[int]) -> tuple[list[int], list[float]]:
+    """Action dimensions with one value in every training frame (e.g. the gripper of tasks that never grasp):
+    left out of the loss and output as that value, instead of stopping the run (normalising them would divide
+    by zero)."""
+    actions = np.concatenate([e.actions for e in episodes])
+    dims = [d for d in range(actions.shape[1]) if d not in gripper_dims and actions[:, d].min() == actions[:, d].max()]
+    values = [float(actions[0, d]) for d in dims]
+    if len(dims) == actions.shape[1]:
+        raise ValueError("every action dimension is constant in the training data: there is nothing to learn; "
+                         "check --action_key and the data")
+    if dims:
+        logger.warning("[policy] action dimension(s) %s never vary in the training data (%s): kept constant (left "
+                       "out of the loss, output as that value)", dims,
+                       ", ".join(f"dim {d} = {v:g}" for d, v in zip(dims, values)))
+    return dims, values
+
+
 def build_normalizers(config: PolicyConfig, data: VLADataArguments, episodes: list[Episode]) -> dict[str, Normalizer]:
     sources = [e.source for e in episodes]
     norms = {"action": Normalizer("action", data.norm_action, compute_stats([e.actions for e in episodes], "action",
@@ -163,7 +202,8 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
     from ..vla.frames import FrameInputs
     from ..vla.modeling import PolicyModel, image_token_id
 
-    with open_run(args.output_dir, (model_args, tuner, policy_args, data, args), args.seed) as out:
+    with open_run(args.output_dir, (model_args, tuner, policy_args, data, args), args.seed) as out, \
+            tensorboard_dir(args.logging_dir):
         train_eps, val_eps, source = load_episodes(data, out, args.seed)
 
         if not policy_args.use_images and not (tuner.freeze_vit and tuner.freeze_aligner):
@@ -171,6 +211,7 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
             tuner.freeze_vit = tuner.freeze_aligner = True
         vlm, processor, spec, lora = build_backbone(model_args, tuner, args)
         gripper_dims, gripper_values = resolve_gripper_dims(policy_args.gripper_dims, train_eps)
+        constant_dims, constant_values = resolve_constant_dims(train_eps, gripper_dims)
         s_dim = 0 if train_eps[0].state is None or not policy_args.use_state else train_eps[0].state.shape[1]
         state_idx = (parse_index_list(policy_args.state_dims, "--state_dims", s_dim) if s_dim else None)
         state_idx = list(range(s_dim)) if state_idx is None else state_idx
@@ -188,7 +229,7 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
             state_indices=state_idx, cameras=cameras, image_size=policy_args.image_size,
             use_images=policy_args.use_images, arm_loss=policy_args.arm_loss,
             arm_gripper_loss_ratio=policy_args.arm_gripper_loss_ratio, readout=policy_args.readout,
-            head_input_norm=policy_args.head_input_norm)
+            head_input_norm=policy_args.head_input_norm, constant_dims=constant_dims, constant_values=constant_values)
         normalizers = build_normalizers(config, data, train_eps)
         frames = FrameInputs(processor, config)
         if config.use_images and config.readout == "action+image":
@@ -235,6 +276,8 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
         result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
         metrics = dict(result.metrics)
         metrics["train_wall_seconds"] = round(time.time() - t0, 1)
+        if constant_dims:
+            metrics["constant_action_dims"] = dict(zip(map(str, constant_dims), constant_values))
         if eval_ds is not None:
             metrics.update(trainer.evaluate())
         model.save_pretrained(out, normalizers)
@@ -254,7 +297,9 @@ def _write_outputs(out: Path, trainer, metrics: dict, config: PolicyConfig, sour
         out, "vltune vla policy",
         [f"backbone: `{config.backbone}` ({config.train_type})", f"data: `{source}`",
          f"head: {config.action_head}, window {config.window_size}, chunk {config.fwd_pred_next_n}, action dim "
-         f"{config.action_dim}, gripper dims {config.gripper_dims or 'none'}",
+         f"{config.action_dim}, gripper dims {config.gripper_dims or 'none'}"
+         + (f", constant dims {dict(zip(config.constant_dims, config.constant_values))} (never vary in the data: "
+            "output as that value, not trained)" if config.constant_dims else ""),
          f"steps: {trainer.state.global_step}, final train loss {metrics.get('train_loss')}, eval loss "
          f"{metrics.get('eval_loss')}"],
         "```python\nfrom vltune.vla.policy import Policy\n"
@@ -267,6 +312,7 @@ def _write_outputs(out: Path, trainer, metrics: dict, config: PolicyConfig, sour
 
 def main(argv: list[str] | None = None) -> VLAResult:
     setup_logging()
-    argv = translate_robovlms_argv(list(sys.argv[1:] if argv is None else argv))
-    model_args, tuner, policy_args, data, args = parse_args(ARG_GROUPS, argv, prog="vltune vla", description=__doc__)
+    with robovlms_argv(list(sys.argv[1:] if argv is None else argv)) as argv:
+        model_args, tuner, policy_args, data, args = parse_args(ARG_GROUPS, argv, prog="vltune vla",
+                                                                description=__doc__)
     return run_vla(model_args, tuner, policy_args, data, args)

@@ -127,6 +127,9 @@ class VLATrainingArguments(TrainingArguments):
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute backbone activations in backward (less memory, slower; non-reentrant)."})
+    logging_dir: str | None = field(default=None, metadata={
+        "help": "Where TensorBoard event files go (default: <output_dir>/runs/<date>). RoboVLMs' log_root maps "
+                "here."})
     train_seconds: float | None = field(default=None, metadata={
         "help": "Stop training after this many seconds of wall time (a compute budget; the schedule still "
                 "follows max_steps / epochs, so set those to match)."})

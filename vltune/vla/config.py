@@ -4,7 +4,7 @@ parser it shares with the arguments. The arguments of `vltune vla` are in vltune
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
@@ -36,6 +36,9 @@ class PolicyConfig:
     head_input_norm: str = "layer"  # policies saved before this option existed used LayerNorm
     image_tokens: int = 0  # image tokens per frame (all cameras), for the action+image read-out
     instruction_template: str = "What action should the robot take to {instruction}?"
+    # action dimensions that never vary in the training data: left out of the loss, output as that value
+    constant_dims: list[int] = field(default_factory=list)
+    constant_values: list[float] = field(default_factory=list)
 
     def save(self, directory: str | Path) -> None:
         Path(directory, "policy_config.json").write_text(json.dumps(asdict(self), indent=1))
@@ -53,7 +56,7 @@ class PolicyConfig:
 
     @property
     def arm_dims(self) -> list[int]:
-        return [d for d in range(self.action_dim) if d not in self.gripper_dims]
+        return [d for d in range(self.action_dim) if d not in self.gripper_dims and d not in self.constant_dims]
 
 
 def parse_index_list(value: str | list | None, what: str, limit: int) -> list[int] | None:

@@ -6,8 +6,10 @@ Modes (per feature):
 - `meanstd`: (x - mean) / std.
 - `none`.
 Gripper dimensions (`gripper_dims`) are never normalised: they are trained as open/close with BCE.
-Statistics are checked before training: NaN or inf anywhere, or a dimension with (near-)zero spread under
-`minmax`/`meanstd`, stops the run with the feature, dimension, episode and frame named and the fix.
+Statistics are checked before training: NaN or inf anywhere, or a dimension with a near-zero spread that is
+not exactly constant under `minmax`/`meanstd`, stops the run with the feature, dimension, episode and frame
+named and the fix. An exactly constant dimension is only centred (ordinary robot data: a task mix whose
+gripper never moves); the VLA recipe also keeps such action dimensions out of the loss.
 `normalization.json` beside the weights holds everything needed to undo it at inference.
 """
 
@@ -83,12 +85,20 @@ class Normalizer:
         if self.mode in ("minmax", "meanstd"):
             spread = self._scale_np()
             for d in self.dims:
+                if d in self.constant_dims:
+                    continue  # exactly constant: centred, not scaled (see _affine)
                 if spread[d] < MIN_SPREAD:
                     raise NormalizationError(
-                        f"{self.feature} dimension {d} is constant in the training data "
-                        f"({'std' if self.mode == 'meanstd' else 'max-min'} = {spread[d]:.3g}): normalising would "
-                        f"divide by ~0. Fix: list it in --gripper_dims if it is a gripper command, use "
-                        f"--norm_{self.feature} bounds|none, or drop the dimension from the data")
+                        f"{self.feature} dimension {d} varies, but only by "
+                        f"{'std' if self.mode == 'meanstd' else 'max-min'} = {spread[d]:.3g} in the training data: "
+                        f"normalising would divide by ~0 and magnify noise. Fix: use --norm_{self.feature} "
+                        f"bounds|none, list it in --gripper_dims if it is a gripper command, or drop the dimension")
+
+    @property
+    def constant_dims(self) -> list[int]:
+        """Dimensions whose every training value is the same (min == max): normalised to 0, never divided."""
+        s = self.stats
+        return [d for d in self.dims if s.max[d] == s.min[d]]
 
     def _scale_np(self) -> np.ndarray:
         s = self.stats
@@ -101,8 +111,11 @@ class Normalizer:
         n = len(self.stats.mean)
         center, scale = np.zeros(n), np.ones(n)
         s = self.stats
+        constant = set(self.constant_dims) if self.mode in ("minmax", "meanstd") else set()
         for d in self.dims:
-            if self.mode == "meanstd":
+            if d in constant:
+                center[d] = s.min[d]
+            elif self.mode == "meanstd":
                 center[d], scale[d] = s.mean[d], s.std[d]
             elif self.mode == "minmax":
                 center[d], scale[d] = (s.max[d] + s.min[d]) / 2, (s.max[d] - s.min[d]) / 2

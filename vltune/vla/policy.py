@@ -126,6 +126,8 @@ class Policy:
             a[:, d] = torch.where(torch.sigmoid(out[:, d]) > 0.5, torch.tensor(high), torch.tensor(low))
         if "action" in self.normalizers:
             a = self.normalizers["action"].unnormalize(a)
+        for d, v in zip(self.config.constant_dims, self.config.constant_values):
+            a[:, d] = v  # constant in every demo: output as recorded
         return a.numpy()
 
     def step(self, images, instruction: str, state=None) -> np.ndarray:

@@ -62,7 +62,9 @@ def map_robovlms(cfg: dict, cuda: bool = False) -> tuple[dict, list[str], list[s
               "min_lr_scale": "min_lr_scale", "weight_decay": "weight_decay", "seed": "seed",
               "batch_size": "per_device_train_batch_size", "arm_gripper_loss_ratio": "arm_gripper_loss_ratio",
               "image_size": "image_size", "norm_min": "norm_min", "norm_max": "norm_max", "model_path": "model",
-              "output_root": "output_dir", "log_root": "logging_dir", "use_hand_rgb": "use_gripper_camera"}
+              "output_root": "output_dir", "log_root": "logging_dir", "use_hand_rgb": "use_gripper_camera",
+              "num_workers": "dataloader_num_workers", "gradient_clip_val": "max_grad_norm"}
+    _warmup(cfg, put, skip)
     for key, value in cfg.items():
         if key in simple:
             if value is None or value == "":
@@ -81,12 +83,8 @@ def map_robovlms(cfg: dict, cuda: bool = False) -> tuple[dict, list[str], list[s
                 mapped.append(f"optimizer {value} -> AdamW (the Trainer's optimizer)")
             else:
                 skip(key, f"{value!r} not supported; AdamW is used")
-        elif key == "warmup_epochs":
-            epochs = (cfg.get("trainer") or {}).get("max_epochs")
-            if value and epochs:
-                put(key, "warmup_ratio", float(value) / float(epochs))
-            else:
-                skip(key, "0 or no trainer.max_epochs")
+        elif key in ("warmup_epochs", "warmup_steps", "warmup_ratio"):
+            continue  # _warmup
         elif key == "act_head" and isinstance(value, dict):
             for k, v in value.items():
                 if k == "type":
@@ -130,19 +128,33 @@ def map_robovlms(cfg: dict, cuda: bool = False) -> tuple[dict, list[str], list[s
                     put("trainer.gradient_clip_val", "max_grad_norm", v)
                 elif k == "max_epochs":
                     put("trainer.max_epochs", "num_train_epochs", v)
-                elif k == "max_steps" and v and int(v) > 0:
-                    put("trainer.max_steps", "max_steps", v)
+                elif k == "max_steps":
+                    if v and int(v) > 0:
+                        put("trainer.max_steps", "max_steps", v)
+                    else:
+                        skip("trainer.max_steps", f"{v}: trainer.max_epochs decides the length")
+                elif k == "log_every_n_steps":
+                    put("trainer.log_every_n_steps", "logging_steps", v)
+                elif k == "logger" and v:
+                    kinds = [x for x in (v if isinstance(v, list) else [v]) if x in ("tensorboard", "wandb")]
+                    if kinds:
+                        put("trainer.logger", "report_to", kinds)
+                    else:
+                        skip("trainer.logger", f"{v}: TensorBoard and a CSV log are written")
                 elif k == "accumulate_grad_batches":
                     put("trainer.accumulate_grad_batches", "gradient_accumulation_steps", v)
                 elif k == "precision":
                     _precision("trainer.precision", v, cuda, put, skip)
                 elif k == "strategy":
+                    stage = "zero3" if "stage_3" in str(v) else "zero2"
                     if "deepspeed" in str(v) and cuda:
-                        stage = "zero3" if "3" in str(v) else "zero2"
                         put("trainer.strategy", "deepspeed", stage)
+                    elif "deepspeed" in str(v):
+                        skip("trainer.strategy", f"{v} dropped, because DeepSpeed ZeRO needs CUDA GPUs and this machine "
+                             f"has none (on a GPU machine it becomes --deepspeed {stage}); training runs on one CPU "
+                             "process")
                     else:
-                        skip("trainer.strategy", f"{v}: DDP comes from the launcher (torchrun / accelerate launch)"
-                             + ("" if cuda else "; DeepSpeed needs a GPU"))
+                        skip("trainer.strategy", f"{v}: DDP comes from the launcher (torchrun / accelerate launch)")
                 else:
                     skip(f"trainer.{k}", "no counterpart")
         elif key in ("train_dataset", "val_dataset") and isinstance(value, dict):
@@ -163,6 +175,27 @@ def map_robovlms(cfg: dict, cuda: bool = False) -> tuple[dict, list[str], list[s
         else:
             skip(key, "no counterpart")
     return ours, mapped, ignored
+
+
+def _warmup(cfg: dict, put, skip) -> None:
+    """RoboVLMs has warmup_steps, warmup_ratio and warmup_epochs; our --warmup_steps takes steps, or a ratio of
+    the run when below 1 (transformers 5). The first one set wins, in that order."""
+    steps, ratio, epochs = cfg.get("warmup_steps"), cfg.get("warmup_ratio"), cfg.get("warmup_epochs")
+    max_epochs = (cfg.get("trainer") or {}).get("max_epochs")
+    chosen = None
+    if steps:
+        chosen = ("warmup_steps", int(steps))
+    elif ratio:
+        chosen = ("warmup_ratio", float(ratio))
+    elif epochs and max_epochs:
+        chosen = ("warmup_epochs", min(float(epochs) / float(max_epochs), 0.99))
+    if chosen:
+        put(chosen[0] + ("" if chosen[0] != "warmup_epochs" else f" / trainer.max_epochs {max_epochs}"),
+            "warmup_steps", chosen[1])
+    for key in ("warmup_steps", "warmup_ratio", "warmup_epochs"):
+        if key in cfg and (not chosen or not chosen[0].startswith(key)):
+            skip(key, f"{cfg[key]}: " + ("unset or 0" if not cfg[key] else
+                                         f"{chosen[0]} decides the warm-up" if chosen else "no trainer.max_epochs"))
 
 
 def _precision(src, value, cuda, put, skip) -> None:
