@@ -32,6 +32,7 @@ _ENV_SET_BY_LIBRARIES = {
     "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",  # torch / OpenMP at first use
     "CUDA_MODULE_LOADING",  # torch at first CUDA query
     "TORCHINDUCTOR_CACHE_DIR",  # torch._inductor, the first time something in the process imports it
+    "PYTORCH_NVML_BASED_CUDA_CHECK",  # deepspeed, when it is first imported (only where it is installed)
     "PYTEST_CURRENT_TEST",  # pytest's own, per phase
 }
 
