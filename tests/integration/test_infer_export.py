@@ -125,8 +125,9 @@ PLAIN_TRANSFORMERS = textwrap.dedent("""
         processor = AutoProcessor.from_pretrained(out)
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=False)
-    except OSError:
-        # Qwen-VL processors also build a video processor, which needs torchvision; where it is missing,
+    except (OSError, ImportError):
+        # Qwen-VL processors also build a video processor, which needs torchvision; where it is missing (transformers
+        # then raises ImportError, or OSError when the video config file is absent),
         # do the processor's work by hand: chat template, image features, one pad token per merged patch,
         # and mm_token_type_ids (1 on image tokens), from which Qwen3-VL computes its multimodal positions.
         tokenizer, image_processor = AutoTokenizer.from_pretrained(out), AutoImageProcessor.from_pretrained(out)
