@@ -81,5 +81,7 @@ def test_lerobot_v2_is_refused_clearly(tmp_path):
 
 
 def test_unknown_layout_is_named(tmp_path):
-    with pytest.raises(ValueError, match="not a CALVIN directory"):
+    from vltune.errors import UsageError
+
+    with pytest.raises(UsageError, match="not a CALVIN directory"):  # the user's mistake: one line, exit 2
         detect_format(str(tmp_path))
