@@ -112,3 +112,22 @@ def test_closed_loop_through_the_server_equals_in_process(reach_policy, tmp_path
     assert remote["client"]["chunks"] == sum((n + 1) // 2 for n in b["lengths"])  # 2 actions per synchronous chunk
     (c,) = threaded["tasks"]
     assert c["episodes"] == 2 and c["control_hz"] > 0 and threaded["client"]["background_chunks"] > 0
+
+
+def test_action_dim_mismatch_stops_before_the_first_episode(metaworld_env, tmp_path, capsys):
+    """A 7-dim (CALVIN-style) policy on Meta-World's 4-dim actions: one line naming both, exit 2 -- not
+    Meta-World's 'Actions should be size 4' from inside the first step (issue 13)."""
+    from vltune.cli import main as cli_main
+    from vltune.recipes.vla import main as vla_main
+    from vltune.vla.data.synthetic import make_dataset
+
+    data = make_dataset(str(tmp_path / "calvin"), fmt="calvin", n_train=4, n_val=2, state_dim=2)
+    res = vla_main(["--dataset", data, "--tiny_size", "xs", "--output_dir", str(tmp_path / "p7"), "--max_steps", "1",
+                    "--report_to", "none", "--save_strategy", "no", "--image_size", "64", "--train_type", "frozen"])
+    assert res.config.action_dim == 7
+    rc = cli_main(["eval", "vla", "--policy", res.output_dir, "--output_dir", str(tmp_path / "eval"),
+                   "--tasks", "reach-v3", "--episodes", "1", "--max_episode_steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert "outputs 7-dim actions" in err[-1] and "takes 4" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "eval" / "eval_report.json").exists()

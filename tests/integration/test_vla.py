@@ -411,3 +411,32 @@ def test_other_vlm_backbones(tmp_path, calvin_set, family):
     ep = make_episodes(1, length=3, state_dim=2)[0]
     actions = [policy.step({"static": ep.images["static"][t]}, ep.instruction, ep.state[t]) for t in range(3)]
     assert all(a.shape == (7,) and np.isfinite(a).all() for a in actions)
+
+
+def test_step_takes_every_documented_image_layout_and_rejects_the_rest(tmp_path, calvin_set):
+    """uint8 HWC, float HWC in [0, 1] and channels-first give the same action; a float image in [0, 255], a
+    wrong shape or a short state vector is a ValueError that says what was given (issue 13: a float frame in
+    [0, 1] used to become a black frame without a word)."""
+    from vltune.vla.policy import Policy
+
+    res = train(tmp_path, calvin_set, "--train_type", "frozen")
+    policy = Policy.from_pretrained(res.output_dir)
+    ep = make_episodes(1, length=1, state_dim=2, seed=5)[0]
+    rgb, state = ep.images["static"][0], ep.state[0]
+    assert rgb.dtype == np.uint8 and rgb.shape[-1] == 3
+
+    def act(image, s=state):
+        policy.reset()
+        return policy.step({"static": image}, ep.instruction, s)
+
+    reference = act(rgb)
+    as_float = rgb.astype(np.float32) / 255.0
+    for image in (as_float, np.moveaxis(rgb, -1, 0), np.moveaxis(as_float, -1, 0), torch.from_numpy(rgb)):
+        np.testing.assert_array_equal(act(image), reference)
+    assert not np.array_equal(act(np.zeros_like(rgb)), reference), "a black frame must act differently here"
+    with pytest.raises(ValueError, match=r"float image spans \[\d+, \d+\]; float images must lie in \[0, 1\]"):
+        act(rgb.astype(np.float32))
+    with pytest.raises(ValueError, match=r"shape \(64, 64\).*expected uint8 \(H, W, 3\)"):
+        act(rgb[..., 0][:64, :64])
+    with pytest.raises(ValueError, match="state has 1 value"):
+        act(rgb, state[:1])

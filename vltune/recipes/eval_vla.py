@@ -26,6 +26,7 @@ import numpy as np
 
 from ..args import parse_args
 from ..console import setup_logging
+from ..errors import UsageError
 from ..hardware import torch_threads
 
 logger = logging.getLogger("vltune")
@@ -131,8 +132,15 @@ def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: 
     cams = tuple(a.cameras.split(","))
     roles = policy.config.cameras
     if len(cams) < len(roles):
-        raise ValueError(f"the policy uses cameras {roles}; pass as many env cameras with --cameras")
+        raise UsageError(f"--cameras {a.cameras}: the policy uses {len(roles)} camera(s) {roles}; pass as many "
+                         f"Meta-World cameras (e.g. --cameras {','.join(['topview', 'corner', 'gripperPOV'][:len(roles)])})")
     env = MetaWorldEnv(task, cams[: len(roles)], a.image_size)
+    env_dim = int(env.env.action_space.shape[0])
+    if policy.config.action_dim != env_dim:
+        env.close()
+        raise UsageError(f"--policy {a.policy_server or a.policy}: the policy outputs {policy.config.action_dim}-dim "
+                         f"actions, Meta-World's {task} takes {env_dim} (xyz delta + gripper); evaluate a policy "
+                         f"trained on Meta-World demos (python -m vltune.vla.data.metaworld_demos, then vltune vla)")
     train_pos = _training_positions(a.train_data, task)
     lengths, ok_lengths, successes, seeds, dists, actions = [], [], 0, [], [], []
     loop_s, loop_steps = 0.0, 0

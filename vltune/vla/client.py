@@ -327,7 +327,8 @@ class RemotePolicy:
         self.client = client
         info = client.info
         self.config = SimpleNamespace(cameras=list(info["cameras"]), use_images=bool(info["use_images"]),
-                                      image_size=int(info["image_size"]), window_size=int(info["window_size"]),
+                                      image_size=int(info["image_size"]), action_dim=int(info["action_dim"]),
+                                      window_size=int(info["window_size"]),
                                       exec_steps=int(info["exec_steps"]), chunk_size=int(info["chunk_size"]),
                                       state_dim=int(info["state_length"]),
                                       state_indices=list(range(int(info["state_length"]))))

@@ -4,6 +4,11 @@
     policy.reset()
     action = policy.step({"static": rgb}, "open the drawer", state)   # un-normalised (action_dim,)
 
+Images: one per camera the policy was trained on, as a dict {camera: image} (or a list in that order, or one
+array for a one-camera policy); each uint8 (H, W, 3), float (H, W, 3) in [0, 1], or channels-first (3, H, W)
+-- anything else is a ValueError saying what was given (`as_uint8_hwc`). State: the raw proprio vector the
+demos recorded (float, at least the trained `state_indices`), normalised here.
+
 Per frame, the backbone gets the chat prompt `<images> What action should the robot take to {instruction}?`
 and the hidden state of its last token is the frame's feature (RoboVLMs' "action token" read-out); the
 head sees the features of the last `window_size` frames (+ projected proprio state) and predicts a chunk of
@@ -32,6 +37,27 @@ from .modeling import WEIGHTS_NAME, PolicyModel, attach_lora, load_backbone
 from .normalize import Normalizer, load_normalizers
 
 logger = logging.getLogger("vltune")
+
+
+def as_uint8_hwc(image, camera: str = "image") -> np.ndarray:
+    """One camera image as uint8 (H, W, 3), from what robots and simulators send: uint8 HWC (as is), float HWC
+    in [0, 1] (x255, rounded), or either of them channels-first (3, H, W); numpy arrays or CPU tensors.
+    Anything else is a ValueError that says what was given and what is expected -- never a silent black frame."""
+    x = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    expected = "expected uint8 (H, W, 3), float (H, W, 3) in [0, 1], or either channels-first (3, H, W)"
+    if x.ndim != 3 or 3 not in (x.shape[0], x.shape[-1]):
+        raise ValueError(f"policy.step: camera {camera!r} image has shape {tuple(x.shape)} ({x.dtype}); {expected}")
+    if x.shape[-1] != 3:
+        x = np.moveaxis(x, 0, -1)  # (3, H, W) -> (H, W, 3)
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    if np.issubdtype(x.dtype, np.floating):
+        low, high = float(np.nanmin(x)), float(np.nanmax(x))
+        if not (np.isfinite(x).all() and low >= 0.0 and high <= 1.0):
+            raise ValueError(f"policy.step: camera {camera!r} float image spans [{low:.4g}, {high:.4g}]; float "
+                             f"images must lie in [0, 1] (pass 0-255 pixels as uint8)")
+        return np.rint(x * 255.0).astype(np.uint8)
+    raise ValueError(f"policy.step: camera {camera!r} image has dtype {x.dtype}; {expected}")
 
 
 class Policy:
@@ -83,11 +109,11 @@ class Policy:
                 raise ValueError(f"policy.step: camera(s) {missing} missing; the policy was trained on "
                                  f"{self.config.cameras} (pass a dict {{camera: HxWx3 uint8}})")
             images = [images[c] for c in self.config.cameras]
-        elif isinstance(images, np.ndarray) and images.ndim == 3:
+        elif np.ndim(images) == 3:
             images = [images]
         if len(images) != len(self.config.cameras):
             raise ValueError(f"policy.step: got {len(images)} image(s), the policy uses {self.config.cameras}")
-        x = torch.stack([torch.as_tensor(np.asarray(im, dtype=np.uint8)) for im in images])  # (C, H, W, 3)
+        x = torch.stack([torch.as_tensor(as_uint8_hwc(im, cam)) for im, cam in zip(images, self.config.cameras)])
         return self.frames.resize(x)[None]  # (1, C, S, S, 3)
 
     def _state(self, state) -> torch.Tensor | None:
@@ -95,7 +121,12 @@ class Policy:
             return None
         if state is None:
             raise ValueError("policy.step: this policy was trained with proprio state; pass state=")
-        s = np.asarray(state, dtype=np.float32)[self.config.state_indices]
+        s = np.asarray(state, dtype=np.float32).reshape(-1)
+        need = max(self.config.state_indices) + 1
+        if s.size < need:
+            raise ValueError(f"policy.step: state has {s.size} value(s); this policy reads state indices "
+                             f"{self.config.state_indices} of the recorded proprio vector (at least {need} values)")
+        s = s[self.config.state_indices]
         if "state" in self.normalizers:
             s = self.normalizers["state"].normalize(s)
         return torch.as_tensor(s, dtype=torch.float32)
