@@ -52,14 +52,19 @@ def indices_by_user(samples) -> dict:
     return groups
 
 
-def answers_per_user(samples: list[Sample], model_for_user: Callable, answer: Callable) -> list:
-    """`answer(model, samples_of_user, user)` for each user's samples inside `model_for_user(user)` (a context
-    manager giving the model with that user's adapter active), returned in the samples' order: the adapter is
-    switched once per user, not once per sample."""
-    results: list = [None] * len(samples)
+def iter_answers_per_user(samples: list[Sample], model_for_user: Callable, answer: Callable):
+    """Yield (sample index, user, value) as they come: `answer(model, samples_of_user, user)` for each user's
+    samples inside `model_for_user(user)` (a context manager giving the model with that user's adapter active),
+    one user after the other, so the adapter is switched once per user, not once per sample."""
     for user, idx in indices_by_user(samples).items():
         with model_for_user(user) as model:
-            got = list(answer(model, [samples[i] for i in idx], user))
-        for i, value in zip(idx, got):
-            results[i] = value
+            for i, value in zip(idx, answer(model, [samples[i] for i in idx], user)):
+                yield i, user, value
+
+
+def answers_per_user(samples: list[Sample], model_for_user: Callable, answer: Callable) -> list:
+    """`iter_answers_per_user`'s values, returned in the samples' order."""
+    results: list = [None] * len(samples)
+    for i, _, value in iter_answers_per_user(samples, model_for_user, answer):
+        results[i] = value
     return results

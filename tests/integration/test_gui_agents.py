@@ -199,6 +199,12 @@ def test_infer_routes_each_row_to_its_users_adapter(personalised, tiny_path, tmp
     assert [r["where"].rsplit(":", 1)[1] for r in records] == [str(i + 1) for i in range(len(rows))]  # data order
     for rec, row in zip(records, rows):
         assert rec["answer"].strip() == USER_ANSWERS[row["user"]]
+        assert rec["adapter"] == f"user_{row['user']}"
+    # --prompt without --user: the global model answers, and the log says so (it used to be silent)
+    proc = subprocess.run([sys.executable, "-m", "vltune", "infer", "--model", tiny_path(), "--per_user_adapters",
+                           str(personalised["out"]), "--prompt", "Click the red circle", "--max_new_tokens", "4"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "answered by the global model (no --user given)" in proc.stderr, proc.stderr
 
 
 def test_eval_grounding_compares_zero_shot_global_and_personalised(personalised, tiny_path, tmp_path):

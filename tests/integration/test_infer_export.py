@@ -75,6 +75,31 @@ def test_batch_mode_writes_one_line_per_sample_and_reports_bad_ones(constant_ada
     assert lines[0]["prompt"] == rows[0]["messages"][0]["content"] and lines[0]["prompt"].startswith("<image>")
 
 
+def test_batch_rows_are_written_as_they_are_answered_with_progress(constant_adapter, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Issue 13: infer --dataset said nothing until the end and wrote its file at once. Now each batch's rows
+    are on disk (flushed) before the next batch is generated, each names what answered, and a progress bar runs."""
+    import vltune.generation as generation
+    from vltune.recipes.infer import main as infer_main
+
+    preds = tmp_path / "preds.jsonl"
+    seen_on_disk = []
+    real = generation.generate_answers
+
+    def spy(model, processor, samples, **kw):
+        seen_on_disk.append(len(preds.read_text().splitlines()) if preds.exists() else 0)
+        return real(model, processor, samples, **kw)
+
+    monkeypatch.setattr(generation, "generate_answers", spy)
+    infer_main(["--adapters", constant_adapter["adapter"], "--dataset", constant_adapter["test"], "--output",
+                str(preds), "--max_new_tokens", "4", "--batch_size", "1"])
+    n = len(Path(constant_adapter["test"]).read_text().splitlines())
+    assert n >= 3 and seen_on_disk == list(range(n))
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(lines) == n and {r["adapter"] for r in lines} == {constant_adapter["adapter"]}
+    assert "[infer] answering" in capsys.readouterr().err
+
+
 def test_without_adapter_the_base_answers_differently(constant_adapter, capsys):
     from vltune.recipes.infer import main as infer_main
 

@@ -14,13 +14,16 @@ The processor (image resizing, chat template) is read from the adapter directory
 there, so inference sees images exactly as training did.
 
 Batch mode writes one JSON object per line: {"where": "file:line", "prompt": last user turn,
-"images": [...], "answer": ..., "reference": the sample's final assistant turn or null}; a sample that
-cannot be run (missing image, <image> tags vs images) gets "error" instead of "answer" and the rest go on.
+"images": [...], "answer": ..., "reference": the sample's final assistant turn or null, "adapter": what
+answered (user_N, global, or the --adapters path / base)}, written and flushed as each row is answered, with a
+progress bar on stderr; a sample that cannot be run (missing image, <image> tags vs images) gets "error"
+instead of "answer" and the rest go on.
 
 With --per_user_adapters (the --output_dir of `vltune personalize`), the global model (--model, + --adapters
 merged) is loaded once and each sample is answered by its user's adapter (the `user` column; --user for
---prompt), switching adapters on the loaded model; a user without an adapter gets the global model.
-Records keep the data set's order.
+--prompt), switching adapters on the loaded model; a user without an adapter (or --prompt without --user) gets the
+global model, and the log says so. Records keep the data set's order (a row is written once every row
+before it is answered).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
 
 from ..args import ModelArguments, parse_args
 from ..console import setup_logging
@@ -135,6 +140,19 @@ def answer_samples(model, processor, samples: list, args: InferArguments, gen: d
                     yield s, None, e.message
 
 
+def in_data_order(samples: list, answered, adapter_name):
+    """(sample, answer, error, adapter) in the order of `samples`, from `iter_answers_per_user`'s (index, user,
+    (sample, answer, error)): each row is released as soon as every row before it is answered, so a data set
+    split by user (its users' rows contiguous) streams, and an interleaved one is still written in order."""
+    position = {id(s): k for k, s in enumerate(samples)}
+    pending, next_k = {}, 0
+    for _, user, (sample, answer, error) in answered:
+        pending[position[id(sample)]] = (sample, answer, error, adapter_name(user))
+        while next_k in pending:
+            yield pending.pop(next_k)
+            next_k += 1
+
+
 def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
     """Run single or batch inference; return the records (single mode: one, with the answer)."""
     from transformers import set_seed
@@ -158,25 +176,40 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
     if args.user is not None and not args.per_user_adapters:
         raise SystemExit("vltune infer: --user picks an adapter of --per_user_adapters; give that too")
     if args.per_user_adapters:
-        from ..generation import answers_per_user
+        from ..generation import iter_answers_per_user
         from ..models.adapters import UserAdapters, load_global
 
         model, processor, _ = load_global(model_args, args.adapters or model_args.model)
         bank = UserAdapters(model, args.per_user_adapters)
         if args.prompt:
             samples[0].extra["user"] = args.user
-        answered = answers_per_user(samples, lambda user: bank.use(None if user is None else int(user)),
-                                    lambda model, part, user: answer_samples(model, processor, part, args, gen))
+
+        def model_for_user(user):
+            user = None if user is None else int(user)
+            if user not in bank.paths:
+                logger.warning("[infer] %s: answered by the global model (%s)", "--prompt" if args.prompt else
+                               f"user {user}'s rows" if user is not None else "rows without a user",
+                               "no --user given" if user is None else
+                               f"no adapter for user {user} in {args.per_user_adapters}; it has users {bank.users}")
+            return bank.use(user)
+
+        answered = in_data_order(samples, iter_answers_per_user(
+            samples, model_for_user, lambda model, part, user: answer_samples(model, processor, part, args, gen)),
+            lambda user: f"user_{user}" if user is not None and int(user) in bank.paths else "global")
     else:
         model, processor, _ = load_for_inference(model_args, args.adapters)
-        answered = answer_samples(model, processor, samples, args, gen)
+        answered = ((s, a, e, args.adapters or "base") for s, a, e in answer_samples(model, processor, samples,
+                                                                                        args, gen))
 
     records = []
     out = open(args.result_path, "w", encoding="utf-8") if args.result_path else None
+    bar = tqdm(total=len(samples), desc="[infer] answering", unit="row", disable=bool(args.prompt), file=sys.stderr)
     try:
-        for sample, answer, error in answered:
+        for sample, answer, error, adapter in answered:
             record = prediction_record(sample, answer, error)
+            record["adapter"] = adapter
             records.append(record)
+            bar.update()
             if error is not None:
                 logger.warning("[infer] %s: %s", sample.where, error)
             if args.prompt:
@@ -184,9 +217,9 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
                     raise SystemExit(f"vltune infer: {error}")
                 print(answer)
             else:
-                line = json.dumps(record, ensure_ascii=False)
-                print(line, file=out or sys.stdout, flush=out is None)
+                print(json.dumps(record, ensure_ascii=False), file=out or sys.stdout, flush=True)
     finally:
+        bar.close()
         if out is not None:
             out.close()
     if args.dataset:
