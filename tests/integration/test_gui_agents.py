@@ -4,6 +4,7 @@ adapter routing in `vltune infer`, and the zero-shot / global / personalised gro
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import subprocess
 import sys
@@ -131,19 +132,27 @@ def personalised(tmp_path_factory, tiny_path):
     with pytest.MonkeyPatch.context() as mp:  # module-scoped fixture: the function-scoped monkeypatch is not here
         mp.setattr(inference, "load_model", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
         torch.set_num_threads(1)
+        warnings = logging.Handler(logging.WARNING)
+        warnings.emit = lambda record: logged.append(record.getMessage())
+        logged: list[str] = []
+        logging.getLogger("vltune").addHandler(warnings)
         try:
-            summary = personalize_main([
-                "--base", tiny_path(), "--dataset", str(data), "--users", "1-2", "--output_dir", str(root / "out"),
+            summary = personalize_main([  # users 3-4 have no rows: skipped, and the log says so
+                "--base", tiny_path(), "--dataset", str(data), "--users", "1-4", "--output_dir", str(root / "out"),
                 "--max_steps", "120", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
                 "--lora_dropout", "0", "--per_device_train_batch_size", "2", "--report_to", "none",
                 "--save_strategy", "no", "--logging_steps", "40", "--gradient_checkpointing", "false"])
         finally:
+            logging.getLogger("vltune").removeHandler(warnings)
             torch.set_num_threads(threads)
-    return {"root": root, "data": str(data), "out": root / "out", "summary": summary, "loads": calls}
+    return {"root": root, "data": str(data), "out": root / "out", "summary": summary, "loads": calls,
+            "warnings": logged}
 
 
 def test_personalize_loads_the_global_model_once_and_writes_one_adapter_per_user(personalised, tiny_path):
     out = personalised["out"]
+    assert personalised["summary"]["skipped_users"] == [3, 4]
+    assert any("no adapter for user(s) [3, 4]" in m and "its users: [1, 2]" in m for m in personalised["warnings"])
     assert personalised["loads"] == [tiny_path()]  # one load for both users
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["user_1", "user_2"]
     for user in (1, 2):
@@ -207,7 +216,7 @@ def test_infer_routes_each_row_to_its_users_adapter(personalised, tiny_path, tmp
     assert proc.returncode == 0 and "answered by the global model (no --user given)" in proc.stderr, proc.stderr
 
 
-def test_eval_grounding_compares_zero_shot_global_and_personalised(personalised, tiny_path, tmp_path):
+def test_eval_grounding_compares_zero_shot_global_and_personalised(personalised, tiny_path, tmp_path, caplog):
     from vltune.recipes.eval_grounding import main as eval_main
 
     out = tmp_path / "eval"
@@ -216,6 +225,7 @@ def test_eval_grounding_compares_zero_shot_global_and_personalised(personalised,
                         "--max_new_tokens", "12"])
     setups = report["setups"]
     assert list(setups) == ["zero-shot", "global", "personalised"]
+    assert f"[eval] zero-shot model: {tiny_path()}" in caplog.text  # the log names the model it compares with
     assert setups["personalised"]["overall"]["click_accuracy"] == 1.0
     assert setups["personalised"]["overall"]["mean_distance_px"] == pytest.approx(0.0, abs=0.5)
     assert setups["global"]["overall"]["click_accuracy"] == 0.0  # the random tiny model never clicks there

@@ -123,6 +123,9 @@ def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments)
 
     if args.zero_shot:
         zs_path = zero_shot_model_of(_global_spec(model_args, args)) if args.zero_shot == "auto" else args.zero_shot
+        logger.info("[eval] zero-shot model: %s%s", zs_path,
+                    " (--zero_shot auto: the model the global model was fine-tuned from)"
+                    if args.zero_shot == "auto" else "")
         zs_model, _, _ = load_for_inference(replace(model_args, model=zs_path))
         evaluate("zero-shot", _same_model(zs_model))
         del zs_model

@@ -78,8 +78,13 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
     wanted = sorted(parse_users(data.users) or by_user)
     missing = [u for u in wanted if len(by_user.get(u, ())) < p.min_user_samples]
     users = [u for u in wanted if u not in missing]
-    if missing:
-        logger.warning("[data] no adapter for user(s) %s: fewer than %d sample(s)", missing, p.min_user_samples)
+    absent = [u for u in missing if u not in by_user]
+    if absent:
+        logger.warning("[data] no adapter for user(s) %s: --users %s names them, but %s has no rows of theirs "
+                       "(its users: %s)", absent, data.users, data.dataset, sorted(by_user))
+    if len(absent) < len(missing):
+        logger.warning("[data] no adapter for user(s) %s: fewer than %d sample(s) (--min_user_samples)",
+                       [u for u in missing if u in by_user], p.min_user_samples)
     if not users:
         raise SystemExit(f"vltune personalize: no user of --users {data.users} has samples in {data.dataset}")
 
