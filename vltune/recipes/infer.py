@@ -115,42 +115,39 @@ def prediction_record(sample, answer: str | None = None, error: str | None = Non
 
 
 def answer_samples(model, processor, samples: list, args: InferArguments, gen: dict):
-    """Yield (sample, answer, error) in order, a batch at a time; a failing batch is retried sample by sample
-    so one bad image costs one answer, not the batch."""
+    """Yield (sample, answer, error) in the samples' order, a batch at a time; a failing batch is retried sample
+    by sample so one bad image costs one answer, not the batch."""
     from ..data.errors import DataError
     from ..generation import generate_answers
 
     for i in range(0, len(samples), args.batch_size):
-        runnable = []
-        for s in samples[i:i + args.batch_size]:
-            if s.num_image_parts != len(s.images):
-                yield s, None, f"{s.num_image_parts} <image> tag(s) but {len(s.images)} image(s)"
-            else:
-                runnable.append(s)
-        if not runnable:
-            continue
-        try:
-            answers = generate_answers(model, processor, runnable, batch_size=len(runnable), **gen)
-            yield from ((s, a, None) for s, a in zip(runnable, answers))
-        except DataError:
-            for s in runnable:
-                try:
-                    yield s, generate_answers(model, processor, [s], batch_size=1, **gen)[0], None
-                except DataError as e:
-                    yield s, None, e.message
+        chunk = samples[i:i + args.batch_size]
+        results = {id(s): (None, f"{s.num_image_parts} <image> tag(s) but {len(s.images)} image(s)")
+                   for s in chunk if s.num_image_parts != len(s.images)}
+        runnable = [s for s in chunk if id(s) not in results]
+        if runnable:
+            try:
+                answers = generate_answers(model, processor, runnable, batch_size=len(runnable), **gen)
+                results.update((id(s), (a, None)) for s, a in zip(runnable, answers))
+            except DataError:
+                for s in runnable:
+                    try:
+                        results[id(s)] = generate_answers(model, processor, [s], batch_size=1, **gen)[0], None
+                    except DataError as e:
+                        results[id(s)] = None, e.message
+        yield from ((s, *results[id(s)]) for s in chunk)
 
 
-def in_data_order(samples: list, answered, adapter_name):
-    """(sample, answer, error, adapter) in the order of `samples`, from `iter_answers_per_user`'s (index, user,
+def in_data_order(answered, adapter_name):
+    """(sample, answer, error, adapter) in the samples' order, from `iter_answers_per_user`'s (index, user,
     (sample, answer, error)): each row is released as soon as every row before it is answered, so a data set
     split by user (its users' rows contiguous) streams, and an interleaved one is still written in order."""
-    position = {id(s): k for k, s in enumerate(samples)}
-    pending, next_k = {}, 0
-    for _, user, (sample, answer, error) in answered:
-        pending[position[id(sample)]] = (sample, answer, error, adapter_name(user))
-        while next_k in pending:
-            yield pending.pop(next_k)
-            next_k += 1
+    pending, next_i = {}, 0
+    for i, user, (sample, answer, error) in answered:
+        pending[i] = (sample, answer, error, adapter_name(user))
+        while next_i in pending:
+            yield pending.pop(next_i)
+            next_i += 1
 
 
 def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
@@ -193,7 +190,7 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
                                f"no adapter for user {user} in {args.per_user_adapters}; it has users {bank.users}")
             return bank.use(user)
 
-        answered = in_data_order(samples, iter_answers_per_user(
+        answered = in_data_order(iter_answers_per_user(
             samples, model_for_user, lambda model, part, user: answer_samples(model, processor, part, args, gen)),
             lambda user: f"user_{user}" if user is not None and int(user) in bank.paths else "global")
     else:
