@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -87,8 +88,15 @@ def load_hint(base: str, out: Path, train_type: str) -> str:
     return f"AutoModelForImageTextToText.from_pretrained('{out}')"
 
 
-def write_model_card(out: Path, title: str, facts: list[str], usage: str, files: str) -> None:
-    """README.md of an output directory: a title, facts as a list, how to load it, and what each file holds."""
+def write_model_card(out: Path, title: str, facts: list[str], usage: str, files: str, *, command: str,
+                     library: str = "transformers", base_model: str | None = None) -> None:
+    """README.md of an output directory: the Hub's metadata block (library, base model, tags), a title, facts as
+    a list, how to load it, and what each file holds. The metadata block matters beyond the Hub: PEFT re-reads
+    README.md when it saves into the same directory and warns ("Repo card metadata block was not found")
+    without one."""
+    meta = [f"library_name: {library}"] + ([f"base_model: {json.dumps(base_model)}"] if base_model else []) \
+        + ["tags:", "- vltune", f"- vltune-{command}"]
     body = "".join(f"- {f}\n" for f in facts)
-    (out / "README.md").write_text(f"# {title}\n\n{body}\n{usage}\nFiles: {files}.\n")
+    (out / "README.md").write_text("---\n" + "\n".join(meta) + f"\n---\n\n# {title}\n\n{body}\n{usage}\n"
+                                   f"Files: {files}.\n")
     logger.info("[done] saved to %s", out)
