@@ -61,6 +61,9 @@ def _one_line(capsys, argv, *needles, exactly_one=True):
     (["grpo", "--external_plugins", "/nonexistent/my_rewards.py", "--reward_funcs", "mine"],
      ["--external_plugins /nonexistent/my_rewards.py", "no such file"]),
     (["data", "synth"], ["vltune data synth gui"]),
+    (["data", "chek"], ["vltune data: unknown sub-command 'chek'", "check"]),
+    (["eval", "groundng"], ["vltune eval: unknown task 'groundng'", "grounding"]),
+    (["export", "--output_dir", "/tmp/x"], ["vltune export", "--merge_lora", "--deepspeed_to_fp32"]),
     (["infer", "--users", "x"], ["--users"]),
 ])
 def test_bad_flag_value_is_one_line_before_any_loading(argv, needles, capsys, no_weights):
@@ -152,6 +155,19 @@ def test_vltune_debug_shows_the_traceback(capsys, monkeypatch, no_weights):
     assert main(["sft", "--lora_rank", "-3"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "UsageError" in err and err.strip().splitlines()[-1].startswith("vltune sft:")
+
+
+def test_library_code_says_a_mistake_one_way():
+    """Every user-facing mistake is a UsageError (one line, exit 2, traceback under VLTUNE_DEBUG=1): no module
+    prints its own message and raises SystemExit, which would bypass VLTUNE_DEBUG and the one-line format."""
+    import re
+    from pathlib import Path
+
+    import vltune
+
+    offenders = [f"{p.name}:{n}" for p in Path(vltune.__file__).parent.rglob("*.py")
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bSystemExit\(", line)]
+    assert offenders == [], offenders
 
 
 def test_data_errors_are_usage_errors():

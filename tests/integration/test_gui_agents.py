@@ -252,13 +252,12 @@ def test_breakdown_scores():
 
 
 def test_personalize_refuses_full_and_needs_users_data(tmp_path, tiny_path, grounding_jsonl):
+    from vltune.errors import UsageError
     from vltune.recipes.personalize import main as personalize_main
 
-    with pytest.raises(SystemExit, match="--train_type lora"):
+    with pytest.raises(UsageError, match="--train_type lora"):
         personalize_main(["--base", tiny_path(), "--dataset", grounding_jsonl, "--train_type", "full",
                           "--output_dir", str(tmp_path / "o")])
-    from vltune.errors import UsageError
-
     with pytest.raises(UsageError, match="matches no user"):  # the demo set has no `user` column
         personalize_main(["--base", tiny_path(), "--dataset", grounding_jsonl, "--users", "1-2",
                           "--output_dir", str(tmp_path / "o")])

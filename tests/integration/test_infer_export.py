@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vltune.errors import UsageError
+
 from tests.helpers import write_image
 
 ANSWER = "click(500, 500)"
@@ -127,7 +129,7 @@ def test_generation_arguments_reach_generate(constant_adapter, monkeypatch, caps
                          "--num_beams", "2", "--max_new_tokens", "3"])
     assert {k: seen[-1][k] for k in ("do_sample", "temperature", "top_p", "top_k", "num_beams", "max_new_tokens")} == \
         {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "num_beams": 2, "max_new_tokens": 3}
-    with pytest.raises(SystemExit, match="--do_sample"):
+    with pytest.raises(UsageError, match="--do_sample"):
         infer_main(common + ["--temperature", "0.7"])
 
 
@@ -244,7 +246,7 @@ def test_merge_of_a_random_adapter_on_idefics3_matches_token_for_token(tmp_path,
 def test_export_refuses_unclear_requests(tmp_path):
     from vltune.recipes.export import main as export_main
 
-    with pytest.raises(SystemExit, match="choose one"):
+    with pytest.raises(UsageError, match="choose one"):
         export_main(["--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="adapter_config.json"):
+    with pytest.raises(UsageError, match="adapter_config.json"):
         export_main(["--adapters", str(tmp_path), "--merge_lora", "--output_dir", str(tmp_path / "m")])

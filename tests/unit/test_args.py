@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from vltune.errors import UsageError
 
 GROUPS = (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments)
 
@@ -39,7 +40,7 @@ def test_seed_spellings_are_accepted(tmp_path):
 def test_unknown_config_key_is_an_error(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"lora_rnak": 8}))
-    with pytest.raises(SystemExit, match="lora_rnak"):
+    with pytest.raises(UsageError, match="lora_rnak"):
         parse_args(GROUPS, ["--config", str(cfg)])
 
 
@@ -144,7 +145,7 @@ def test_python_api_values_sit_between_config_file_and_command_line(tmp_path):
     (_, tuner, _, args) = parse_args(GROUPS, ["--config", str(cfg), "--learning_rate", "0.25"],
                                      values={"lora_r": 16, "learning_rate": 0.125})
     assert tuner.lora_rank == 16 and args.learning_rate == 0.25
-    with pytest.raises(SystemExit, match="unknown argument name"):
+    with pytest.raises(UsageError, match="unknown argument name"):
         parse_args(GROUPS, [], values={"no_such_flag": 1})
 
 

@@ -67,7 +67,7 @@ def check(argv: list[str]) -> int:
     model_args, args = parse_args((ModelArguments, DataCheckArguments), argv, prog="vltune data check",
                                   description=__doc__)
     if not args.dataset:
-        raise SystemExit("vltune data check: give the data to check with --dataset FILE (several allowed)")
+        raise UsageError("vltune data check: give the data to check with --dataset FILE (several allowed)")
     path = resolve_model_path(model_args)
     processor = load_processor(path, model_args.max_pixels, model_args.min_pixels, model_args.trust_remote_code)
     try:
@@ -157,7 +157,7 @@ def _size(text: str, flag: str) -> tuple[int, int]:
         a, b = (int(v) for v in text.lower().split("x"))
         return a, b
     except ValueError:
-        raise SystemExit(f"vltune data synth gui: {flag} takes WxH, e.g. 512x512 (got {text!r})") from None
+        raise UsageError(f"vltune data synth gui: {flag} takes WxH, e.g. 512x512 (got {text!r})") from None
 
 
 def synth(argv: list[str]) -> int:
@@ -177,7 +177,7 @@ def synth(argv: list[str]) -> int:
     (args,) = parse_args((SynthGUIArguments,), argv[1:], prog="vltune data synth gui", description=__doc__)
     if args.preset:
         if args.preset not in SYNTH_PRESETS:
-            raise SystemExit(f"vltune data synth gui: unknown --preset {args.preset!r}; choose {', '.join(SYNTH_PRESETS)}")
+            raise UsageError(f"vltune data synth gui: unknown --preset {args.preset!r}; choose {', '.join(SYNTH_PRESETS)}")
         given = {a.split("=")[0].lstrip("-") for a in argv[1:] if a.startswith("--")}
         given |= {"num_users"} if "users" in given else set()  # the old spelling counts as given too
         for k, v in SYNTH_PRESETS[args.preset].items():
@@ -186,7 +186,7 @@ def synth(argv: list[str]) -> int:
     test = parse_users(args.test_users) or set()
     train = sorted(set(range(1, args.num_users + 1)) - test)
     if not train or not test or max(test) > args.num_users:
-        raise SystemExit(f"vltune data synth gui: --test_users {args.test_users} must be a non-empty subset of "
+        raise UsageError(f"vltune data synth gui: --test_users {args.test_users} must be a non-empty subset of "
                          f"1..{args.num_users} that leaves training users")
     family = FAMILIES[args.model_family]
     processor = None
@@ -218,16 +218,14 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in SUBCOMMANDS:
-        if argv and argv[0] not in ("-h", "--help", "help"):
-            print(f"vltune data: unknown sub-command {argv[0]!r}", file=sys.stderr)
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "help"):
+        raise UsageError(f"vltune data: unknown sub-command {argv[0]!r}; choose one of: {', '.join(SUBCOMMANDS)}")
+    if not argv or argv[0] not in SUBCOMMANDS:
         print("usage: vltune data <sub-command> [--help] [arguments]\n\nsub-commands:")
         for name, (_, text) in SUBCOMMANDS.items():
             print(f"  {name:<8} {text}")
-        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help", "help") else 2)
+        return 0
     setup_logging()
-    status = SUBCOMMANDS[argv[0]][0](argv[1:])
-    if status:
-        raise SystemExit(status)
+    return SUBCOMMANDS[argv[0]][0](argv[1:]) or 0

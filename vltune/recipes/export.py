@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..args import ModelArguments, parse_args
 from ..console import setup_logging
+from ..errors import UsageError
 
 logger = logging.getLogger("vltune")
 
@@ -119,7 +120,7 @@ def merge_lora(model_args: ModelArguments, args: ExportArguments) -> Path:
     from ..models.load import resolve_model_path
 
     if not args.adapters:
-        raise SystemExit("vltune export --merge_lora: give the adapter to merge with --adapters DIR")
+        raise UsageError("vltune export --merge_lora: give the adapter to merge with --adapters DIR")
     check_adapter_dir(args.adapters)
     if model_args.torch_dtype == "auto":  # keep the base's precision: a bf16 8B model stays 16 GB, not 32
         model_args.model = resolve_model_path(model_args)  # resolved (and logged) once
@@ -149,7 +150,7 @@ def _peft_key(key: str, adapter_name: str) -> str:
 def _adapter_name(keys) -> str:
     names = {m.group(1) for k in keys if (m := re.search(r"\.lora_(?:A|B|embedding_A|embedding_B)\.([^.]+)", k))}
     if len(names) != 1:
-        raise SystemExit(f"vltune export: expected the LoRA tensors of one adapter in the checkpoint, "
+        raise UsageError(f"vltune export: expected the LoRA tensors of one adapter in the checkpoint, "
                          f"found adapters {sorted(names)}")
     return names.pop()
 
@@ -192,14 +193,14 @@ def deepspeed_to_fp32(args: ExportArguments) -> Path:
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
     except ImportError as e:
-        raise SystemExit(f"vltune export --deepspeed_to_fp32 needs DeepSpeed: pip install 'vltune[deepspeed]' ({e})")
+        raise UsageError(f"vltune export --deepspeed_to_fp32 needs DeepSpeed: pip install 'vltune[deepspeed]' ({e})")
     import torch
     from safetensors.torch import save_file
 
     ckpt = Path(args.deepspeed_to_fp32).expanduser()
     tag = args.tag or ((ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else None)
     if tag is None or not (ckpt / tag).is_dir():
-        raise SystemExit(f"vltune export --deepspeed_to_fp32 {ckpt}: no ZeRO checkpoint there (expected a `latest` "
+        raise UsageError(f"vltune export --deepspeed_to_fp32 {ckpt}: no ZeRO checkpoint there (expected a `latest` "
                          f"file naming a global_stepN/ folder); point at a checkpoint-N folder of a --deepspeed run "
                          f"or pass --tag")
     out = Path(args.output_dir)
@@ -228,9 +229,9 @@ def main(argv: list[str] | None = None) -> Path:
     model_args, args = parse_args((ModelArguments, ExportArguments), argv, prog="vltune export", description=__doc__)
     setup_logging()
     if not args.output_dir:
-        raise SystemExit("vltune export: give --output_dir")
+        raise UsageError("vltune export: give --output_dir")
     if args.merge_lora == bool(args.deepspeed_to_fp32):
-        raise SystemExit("vltune export: choose one of --merge_lora (with --adapters) or --deepspeed_to_fp32 CKPT_DIR")
+        raise UsageError("vltune export: choose one of --merge_lora (with --adapters) or --deepspeed_to_fp32 CKPT_DIR")
     if args.deepspeed_to_fp32:
         return deepspeed_to_fp32(args)
     return merge_lora(model_args, args)
