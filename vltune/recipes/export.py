@@ -108,6 +108,34 @@ def write_video_processor_config(out: Path, processor) -> None:
     logger.info("[export] wrote %s (%s) for AutoProcessor", target.name, config["video_processor_type"])
 
 
+_IMAGE_ONLY_NOTE = (" (trust_remote_code loads processing_image_only.py, an image-only processor that needs no "
+                    "torchvision; with torchvision installed, `AutoProcessor.from_pretrained` without it loads "
+                    "transformers' own processor)")
+
+
+def ship_image_only_processor(out: Path, processor) -> None:
+    """Where vltune saved an image-only processor (no torchvision here), copy its one-file definition
+    (vltune/models/processing_image_only.py, which imports only transformers) into the export and name it in
+    processor_config.json's `auto_map`: `AutoProcessor.from_pretrained(out, trust_remote_code=True)` then loads
+    the export here, without vltune or torchvision. Without `trust_remote_code`, transformers keeps loading its
+    own full processor (the `processor_class`), as it does wherever torchvision is installed."""
+    import shutil
+
+    from ..models import processing_image_only
+    from ..models.processors import IMAGE_ONLY_PROCESSORS
+
+    if type(processor) not in IMAGE_ONLY_PROCESSORS.values():
+        return
+    module = Path(processing_image_only.__file__)
+    shutil.copyfile(module, out / module.name)
+    config_path = out / "processor_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config.setdefault("auto_map", {})["AutoProcessor"] = f"{module.stem}.{type(processor).__name__}"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    logger.info("[export] no torchvision here: %s ships %s (AutoProcessor.from_pretrained(..., "
+                "trust_remote_code=True) loads it without torchvision)", out, module.name)
+
+
 def _checkpoint_dtype(path: str, trust_remote_code: bool) -> str:
     from transformers import AutoConfig
 
@@ -133,10 +161,13 @@ def merge_lora(model_args: ModelArguments, args: ExportArguments) -> Path:
     processor.save_pretrained(out)
     standardize_processor_class(out)
     write_video_processor_config(out, processor)
+    ship_image_only_processor(out, processor)
     (out / "README.md").write_text(
         f"# Merged by vltune export\n\n- base model: `{base}`\n- LoRA adapter: `{args.adapters}`\n"
         f"- dtype: {model_args.torch_dtype}\n\nLoad with `AutoModelForImageTextToText.from_pretrained('{out}')` "
-        f"and `AutoProcessor.from_pretrained('{out}')`.\n", encoding="utf-8")
+        f"and `AutoProcessor.from_pretrained('{out}'"
+        f"{', trust_remote_code=True' if (out / 'processing_image_only.py').exists() else ''})`"
+        f"{_IMAGE_ONLY_NOTE if (out / 'processing_image_only.py').exists() else ''}.\n", encoding="utf-8")
     logger.info("[export] merged %s into %s -> %s", args.adapters, base, out)
     return out
 
