@@ -58,6 +58,8 @@ def _one_line(capsys, argv, *needles, exactly_one=True):
     (["sft", "--config", "/nonexistent.yaml"], ["--config /nonexistent.yaml", "no such file"]),
     (["sft", "--resume_from_checkpoint", "/nonexistent/checkpoint-3"], ["--resume_from_checkpoint", "no such"]),
     (["vla", "--train_type", "lorax"], ["--train_type", "frozen"]),
+    (["vla", "--action_head", "foo"], ["--action_head", "lstm"]),
+    (["sft", "--max_pixels", "-1"], ["--max_pixels -1", "positive"]),
     (["grpo", "--external_plugins", "/nonexistent/my_rewards.py", "--reward_funcs", "mine"],
      ["--external_plugins /nonexistent/my_rewards.py", "no such file"]),
     (["data", "synth"], ["vltune data synth gui"]),
@@ -86,6 +88,7 @@ def test_unknown_reward_name_is_one_line_before_the_model(capsys, no_weights, tm
 @pytest.mark.parametrize("argv, needles", [
     (["sft", "--dataset", "/nonexistent.jsonl"], ["/nonexistent.jsonl", "no such file", "--dataset"]),
     (["vla", "--dataset", "data/nope"], ["--dataset data/nope", "does not exist"]),
+    (["data", "check", "--dataset", "/nonexistent.jsonl"], ["/nonexistent.jsonl", "no such file"]),
 ])
 def test_missing_data_is_one_line_before_the_weights(argv, needles, capsys, tmp_path, monkeypatch):
     """Data is read after the processor, before any weight: a missing path is one line."""
@@ -95,6 +98,12 @@ def test_missing_data_is_one_line_before_the_weights(argv, needles, capsys, tmp_
     monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("weights loaded before the data was read"))
     monkeypatch.setattr(vltune.recipes.vla, "build_backbone", lambda *a, **k: pytest.fail("backbone built first"))
     _one_line(capsys, argv, *needles, exactly_one=False)
+
+
+def test_eval_vla_without_a_policy_is_one_line_and_writes_nothing(tmp_path, capsys):
+    _one_line(capsys, ["eval", "vla", "--policy", str(tmp_path / "nope")], "--policy", "policy_config.json",
+              "--policy_server")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pickle_dir_without_allow_pickle(tmp_path, capsys):

@@ -61,7 +61,6 @@ class DataCheckArguments:
 
 def check(argv: list[str]) -> int:
     from ..data.check import check_data, default_num_proc
-    from ..data.errors import DataError
     from ..models.load import load_processor, resolve_model_path
 
     model_args, args = parse_args((ModelArguments, DataCheckArguments), argv, prog="vltune data check",
@@ -70,13 +69,11 @@ def check(argv: list[str]) -> int:
         raise UsageError("vltune data check: give the data to check with --dataset FILE (several allowed)")
     path = resolve_model_path(model_args)
     processor = load_processor(path, model_args.max_pixels, model_args.min_pixels, model_args.trust_remote_code)
-    try:
-        summary = check_data(args.dataset, processor, args.max_length, args.loss_scale, args.users,
-                             args.allow_pickle, args.verify_images, args.num_samples,
-                             args.num_proc or default_num_proc(), args.max_examples)
-    except DataError as e:  # the data set itself cannot be read (missing path, pickles without opt-in, ...)
-        print(f"vltune data check: {e}", file=sys.stderr)
-        return 1
+    # A data set that cannot be read at all (missing path, pickles without opt-in, ...) is a DataError, i.e. a
+    # UsageError: one line and status 2. Status 1 means the data was read and has problems.
+    summary = check_data(args.dataset, processor, args.max_length, args.loss_scale, args.users,
+                         args.allow_pickle, args.verify_images, args.num_samples,
+                         args.num_proc or default_num_proc(), args.max_examples)
     tokens = f", up to {max(summary.lengths)} tokens per sample" if summary.lengths else ""
     print(f"checked {summary.total} sample(s) from {len(summary.files)} data set(s) in {summary.seconds:.1f} s "
           f"(model {path}, --max_length {args.max_length}{tokens}): {summary.ok} ok, "

@@ -43,15 +43,12 @@ def open_run(output_dir: str, arg_groups: tuple, seed: int, wandb_project: str |
 
 def load_base(model_args, processor=None):
     """(model path, processor, family): --model or the embedded tiny model; `processor` is reused when given."""
-    from transformers import AutoConfig
-
-    from ..models.families import family_for_model_type
-    from ..models.load import load_processor, resolve_model_path
+    from ..models.load import load_processor, model_family, resolve_model_path
 
     path = resolve_model_path(model_args)
     if processor is None:
         processor = load_processor(path, model_args.max_pixels, model_args.min_pixels, model_args.trust_remote_code)
-    family = family_for_model_type(AutoConfig.from_pretrained(path).model_type)
+    family = model_family(path, model_args.trust_remote_code)  # a LoRA global model (personalize): its base's
     logger.info("[model] %s (family %s, coordinates %s)", path, family.name, family.coords)
     return path, processor, family
 
