@@ -67,6 +67,7 @@ def _one_line(capsys, argv, *needles, exactly_one=True):
     (["eval", "groundng"], ["vltune eval: unknown task 'groundng'", "grounding"]),
     (["export", "--output_dir", "/tmp/x"], ["vltune export", "--merge_lora", "--deepspeed_to_fp32"]),
     (["infer", "--users", "x"], ["--users"]),
+    (["infer", "--image", "/nonexistent/screen.png", "--prompt", "Tap settings"], ["--image", "no such file"]),
 ])
 def test_bad_flag_value_is_one_line_before_any_loading(argv, needles, capsys, no_weights):
     _one_line(capsys, argv, *needles)

@@ -29,6 +29,7 @@ before it is answered).
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -101,6 +102,10 @@ def prompt_sample(args: InferArguments):
         text = IMAGE_TAG * len(args.image) + text
     elif n_tags != len(args.image):
         raise UsageError(f"vltune infer: --prompt has {n_tags} <image> tag(s) but {len(args.image)} --image given")
+    for image in args.image:  # before the model loads, not after
+        remote = str(image).startswith(("http://", "https://", "data:"))
+        if not remote and not os.path.isfile(os.path.expanduser(image)):
+            raise UsageError(f"vltune infer: --image {image}: no such file")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": text})
     return normalize_row({"messages": messages, "images": list(args.image)}, where="--prompt")
@@ -208,7 +213,7 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
             record["adapter"] = adapter
             records.append(record)
             bar.update()
-            if error is not None:
+            if error is not None and not args.prompt:  # one bad row of a batch: say so and go on
                 logger.warning("[infer] %s: %s", sample.where, error)
             if args.prompt:
                 if error is not None:
