@@ -12,6 +12,9 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
+from ..checkpoints import list_checkpoints, unmark
+from .survive import SurvivingTrainer
+
 logger = logging.getLogger("vltune")
 
 
@@ -28,10 +31,12 @@ class TopKCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         if not state.is_world_process_zero or self.k <= 0:
             return
-        ckpts = {int(p.name.split("-")[1]): p for p in self.dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()}
+        # Only complete checkpoints compete (SurvivingTrainer removes incomplete leftovers and marks new ones).
+        ckpts = {c.step: Path(c.path) for c in list_checkpoints(self.dir) if c.complete}
         rank = sorted(ckpts, key=lambda s: (self.losses.get(s, float("inf")), -s)) if self.losses else \
             sorted(ckpts, reverse=True)
         for step in rank[self.k:]:
+            unmark(str(ckpts[step]))
             shutil.rmtree(ckpts[step], ignore_errors=True)
         kept = [{"step": s, "eval_loss": self.losses.get(s), "path": str(ckpts[s])} for s in rank[: self.k]]
         (self.dir / "best_checkpoints.json").write_text(json.dumps(kept, indent=1))
@@ -72,7 +77,7 @@ class TimeBudget(TrainerCallback):
             control.should_save = True
 
 
-class PolicyTrainer(Trainer):
+class PolicyTrainer(SurvivingTrainer, Trainer):
     """Trainer that saves checkpoints in the policy format (loadable with Policy.from_pretrained)."""
 
     normalizers: dict | None = None
