@@ -117,3 +117,46 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_how_to_go_on(tmp_pat
     assert [(c.step, c.complete) for c in list_checkpoints(out)] == [(2, True)]
     assert f"the disk holding {out} is full" in err and str(out / "checkpoint-2") in err, err
     assert err.endswith("--resume_from_checkpoint true"), err
+
+
+# ---------------------------------------------------------------------------- reused output directories
+def test_a_second_run_into_the_same_directory_is_refused_unless_told(tmp_path, grounding_jsonl, capsys):
+    """The first run's train.log and checkpoints stay as they were; --overwrite_output_dir true replaces them."""
+    out = tmp_path / "run"
+    assert cli_main(sft_argv(out, grounding_jsonl, steps=2)) == 0
+    log_before = (out / "train.log").read_text()
+    capsys.readouterr()
+    assert cli_main(sft_argv(out, grounding_jsonl, steps=2)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(out) in err, err
+    for option in ("--resume_from_checkpoint true", "--overwrite_output_dir true", "new --output_dir"):
+        assert option in err, err
+    assert (out / "train.log").read_text() == log_before
+
+    (out / "checkpoint-2" / "stale.bin").write_bytes(b"first run")
+    assert cli_main(sft_argv(out, grounding_jsonl, "--overwrite_output_dir", "true", steps=2)) == 0
+    assert not (out / "checkpoint-2" / "stale.bin").exists()
+    assert (out / "train.log").read_text().count("[preflight]") == 1, "train.log holds one run, not two"
+
+
+@pytest.mark.parametrize("command", ["grpo", "vla", "personalize"])
+def test_every_command_that_writes_a_run_refuses_a_previous_one(command, tmp_path, capsys):
+    """Checked before anything is loaded: the refusal costs nothing."""
+    (tmp_path / ("personalize.json" if command == "personalize" else "args.json")).write_text("{}")
+    extra = ["--dataset", str(tmp_path / "x.jsonl")] if command == "personalize" else []
+    assert cli_main([command, "--output_dir", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "holds a previous run" in err and "--overwrite_output_dir true" in err, err
+
+
+def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
+    """The user's own files in the directory (here: the data) survive --overwrite_output_dir."""
+    from vltune.train.run import claim_output_dir
+
+    fake_checkpoint(tmp_path, 5, complete=True)
+    for name in ("train.log", "args.json", "metrics.csv", "mydata.jsonl"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "runs").mkdir()
+    claim_output_dir(tmp_path, None, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata.jsonl"]
+    claim_output_dir(tmp_path, None, overwrite=False)  # nothing of a run left: accepted
