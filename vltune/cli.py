@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:  # preempted, disk full, non-finite loss: one line, the cause's own status
         return _run_stopped(command, rest, e)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops at the end of the step)
-        print(f"vltune {command}: interrupted (second Ctrl-C): stopped at once, without saving", file=sys.stderr)
+        print(f"\nvltune {command}: interrupted (second Ctrl-C): stopped at once, without saving", file=sys.stderr)
         return RunStopped.INTERRUPTED
     except UsageError as e:  # the user's mistake: one line, status 2 (VLTUNE_DEBUG=1: the traceback too)
         return _usage_error(command, e, str(e))
@@ -99,7 +99,8 @@ def _run_stopped(command: str, argv: list[str], e: RunStopped) -> int:
         line = f"vltune {command}: {' '.join(e.message.split())}"
         if e.resumable:
             line += f"; resume with: {resume_command(command, argv)}"
-        print(line, file=sys.stderr, flush=True)
+        # On a line of its own: the run stopped mid-epoch, with the progress bar's line still open.
+        print(f"\n{line}", file=sys.stderr, flush=True)
     return e.status
 
 

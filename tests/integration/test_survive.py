@@ -112,7 +112,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_how_to_go_on(tmp_pat
     monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "run"
     status = cli_main(sft_argv(out, grounding_jsonl))
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = _said(capsys.readouterr().err)
     assert status == RunStopped.DISK_FULL
     assert [(c.step, c.complete) for c in list_checkpoints(out)] == [(2, True)]
     assert f"the disk holding {out} is full" in err and str(out / "checkpoint-2") in err, err
@@ -160,3 +160,144 @@ def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
     claim_output_dir(tmp_path, None, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata.jsonl"]
     claim_output_dir(tmp_path, None, overwrite=False)  # nothing of a run left: accepted
+
+
+# ---------------------------------------------------------------------------- preemption
+def _start(argv, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "vltune", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _wait_for(predicate, proc, timeout=240):
+    import time
+
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, f"exited early ({proc.returncode}): {proc.communicate()[1][-3000:]}"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.2)
+
+
+def _said(err: str) -> str:
+    """vltune's last line on stderr (a progress bar may be redrawn after it as the process exits)."""
+    return [line for line in err.splitlines() if line.startswith("vltune ")][-1]  # on a line of its own
+
+
+def _logged_steps(out: Path) -> int:
+    log = out / "train.log"
+    return log.read_text().count("'loss'") if log.exists() else 0
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_one_ctrl_c_saves_at_the_end_of_the_step_and_says_how_to_resume(sig, tmp_path, grounding_jsonl):
+    import signal
+
+    out = tmp_path / "run"
+    proc = _start(sft_argv(out, grounding_jsonl, "--save_strategy", "no", steps=500))
+    _wait_for(lambda: _logged_steps(out) >= 2, proc)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=240)
+    line = _said(err)
+    assert proc.returncode == (RunStopped.PREEMPTED if sig == "SIGTERM" else RunStopped.INTERRUPTED), err[-3000:]
+    (ckpt,) = list_checkpoints(out)  # saved although --save_strategy no
+    assert ckpt.complete and f"stopped at step {ckpt.step}, checkpoint at {ckpt.path}" in line, line
+    assert "resume with: vltune sft " in line and line.endswith("--resume_from_checkpoint true"), line
+    assert 2 <= ckpt.step < 500
+
+
+def test_a_second_ctrl_c_stops_at_once_and_its_checkpoint_does_not_count(tmp_path, grounding_jsonl):
+    """The first Ctrl-C starts the save (made slow by the drill hook); the second one ends the run there: what
+    it leaves has no marker, so --resume_from_checkpoint true would not take it."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = _start(sft_argv(out, grounding_jsonl, "--save_strategy", "no", steps=500),
+                  {"VLTUNE_DRILL_SAVE_SLEEP": "60"})
+    _wait_for(lambda: _logged_steps(out) >= 1, proc)
+    proc.send_signal(signal.SIGINT)
+    _wait_for(lambda: any((c / "trainer_state.json").exists() for c in out.glob("checkpoint-*")), proc)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == RunStopped.INTERRUPTED and time.time() - t0 < 30, err[-3000:]
+    assert "second Ctrl-C" in _said(err)
+    assert [c.complete for c in list_checkpoints(out)] == [False]
+
+
+def test_signal_handlers_are_given_back():
+    import signal
+
+    from vltune.train.survive import Preemption
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with Preemption():
+        assert signal.getsignal(signal.SIGTERM) != before[0]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+# ---------------------------------------------------------------------------- non-finite losses
+@pytest.fixture
+def poisoned(grounding_jsonl, monkeypatch):
+    """Line 5 of the data is a poisoned sample: any batch holding it gets a NaN loss. It is recognised by its id
+    as the batch carries it (data file -> collator -> trainer), so the test also checks that the ids arrive."""
+    import transformers
+
+    import vltune.train.survive as survive
+
+    bad = f"{grounding_jsonl}:5"
+    hit = {"now": False, "steps": []}
+    real_ids, real_loss = survive._sample_ids, transformers.Trainer.compute_loss
+
+    def ids(inputs):
+        got = real_ids(inputs)
+        hit["now"] = bad in got
+        return got
+
+    def compute_loss(self, model, inputs, *a, **kw):
+        loss = real_loss(self, model, inputs, *a, **kw)
+        if hit["now"]:
+            hit["steps"].append(self.state.global_step + 1)
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(survive, "_sample_ids", ids)
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", compute_loss)
+    return bad, hit
+
+
+def test_a_nan_loss_stops_naming_the_step_and_the_samples(tmp_path, grounding_jsonl, poisoned, capsys):
+    bad, hit = poisoned
+    out = tmp_path / "run"
+    status = cli_main(sft_argv(out, grounding_jsonl, "--num_samples", "8", "--save_steps", "1", "--save_total_limit", "10", steps=4))
+    err = _said(capsys.readouterr().err)
+    assert status == RunStopped.NONFINITE, err
+    step = hit["steps"][0]
+    assert f"non-finite loss (nan) at step {step}" in err and bad in err, err
+    ckpts = list_checkpoints(out)
+    assert [c.step for c in ckpts] == list(range(1, step)) and all(c.complete for c in ckpts)
+    assert (f"the last complete checkpoint is {out / f'checkpoint-{step - 1}'}" if step > 1
+            else "no checkpoint was saved yet") in err
+
+
+def test_nonfinite_skip_leaves_the_weights_untouched_for_that_step_and_counts_it(tmp_path, grounding_jsonl, poisoned):
+    from safetensors.torch import load_file
+
+    bad, hit = poisoned
+    out = tmp_path / "run"
+    assert cli_main(sft_argv(out, grounding_jsonl, "--num_samples", "8", "--save_steps", "1", "--save_total_limit", "10", "--nonfinite", "skip",
+                             "--max_nonfinite_steps", "1", steps=4)) == 0
+    (step,) = hit["steps"]
+    assert json.loads((out / "train_results.json").read_text())["nonfinite_steps_skipped"] == 1
+    assert "1 step(s) with a non-finite loss" in (out / "train.log").read_text()
+    after = load_file(out / f"checkpoint-{step}" / "adapter_model.safetensors")
+    if step > 1:
+        before = load_file(out / f"checkpoint-{step - 1}" / "adapter_model.safetensors")
+        assert all(bool((before[k] == after[k]).all()) for k in after), "the skipped step changed the weights"
+    nxt = load_file(out / f"checkpoint-{min(step + 1, 4)}" / "adapter_model.safetensors")
+    assert step == 4 or any(not bool((nxt[k] == after[k]).all()) for k in after), "training went on after it"

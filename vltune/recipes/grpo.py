@@ -39,7 +39,7 @@ from ..train.grpo_heldout import heldout_reward
 from ..train.grpo_prompts import build_prompts, rows_to_dataset
 from ..errors import UsageError
 from ..rewards.registry import resolve_rewards
-from ..train.survive import survivable
+from ..train.survive import survivable, train as train_surviving
 from ..train.run import load_base, load_hint, log_preflight, open_run, resolve_resume, write_model_card
 
 logger = logging.getLogger("vltune")
@@ -107,7 +107,7 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
                     "beta %g, loss %s", groups, args.num_generations, groups, args.max_steps if args.max_steps > 0
                     else "epoch-based", args.updates_per_batch, args.beta, args.loss_type)
         t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+        result = train_surviving(trainer, resolve_resume(args.resume_from_checkpoint, args.output_dir), args)
         train_seconds = time.time() - t0
         metrics = dict(result.metrics)
 

@@ -24,7 +24,7 @@ from ..data.splits import split_holdout
 from .debug import attach_debug_callback
 from ..models.load import load_model
 from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
-from .survive import survivable
+from .survive import WithSampleIds, survivable, train as train_surviving
 from .run import load_base, load_hint, log_preflight, open_run, resolve_resume, write_model_card
 
 logger = logging.getLogger("vltune")
@@ -182,9 +182,10 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
             args.eval_strategy = args.save_strategy
             args.eval_steps = args.eval_steps or args.save_steps
         trainer = survivable(Trainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=collator, processing_class=processor, callbacks=callbacks)
+                          data_collator=WithSampleIds(collator), processing_class=processor,
+                                          callbacks=callbacks)
         attach_debug_callback(trainer)  # per-rank dump when $VLTUNE_DEBUG_DIST_DIR is set (vltune/train/debug.py)
-        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+        result = train_surviving(trainer, resolve_resume(args.resume_from_checkpoint, args.output_dir), args)
         metrics = dict(result.metrics)
         if eval_ds is not None:
             metrics.update(trainer.evaluate())

@@ -49,7 +49,7 @@ class WindowDataset(torch.utils.data.Dataset):
         steps = frames[:, None] + np.arange(n)[None]  # (W, N) action indices
         mask = (steps < len(acts)) & valid[:, None]
         item = {"actions": acts[np.minimum(steps, len(acts) - 1)], "action_mask": mask,
-                "instruction": ep.instruction}
+                "instruction": ep.instruction, "where": f"{ep.source or f'episode {e}'} frame {t}", "index": i}
         if cfg.use_images:
             item["images"] = np.stack([np.stack([np.asarray(ep.images[c][f]) for c in cfg.cameras]) for f in frames])
         if cfg.state_dim:
