@@ -12,6 +12,7 @@ Cache: `$VLTUNE_CACHE` or `~/.cache/vltune/tiny/<family>-<size>-v<version>`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -43,6 +44,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("VLTUNE_CACHE", Path.home() / ".cache" / "vltune")) / "tiny"
 
 
+@contextlib.contextmanager
+def _own_rng():
+    """Give back torch's, numpy's and Python's global random state afterwards. The build draws random weights;
+    without this, the first run on a fresh cache (already seeded by then) would start its LoRA init and data
+    order from another state than every later run with the same --seed."""
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
 def tiny_model_path(family: str = "qwen3_vl", size: str = "xs") -> str:
     """Return the directory of the embedded tiny model, building it on first use."""
     if family not in TINY_FAMILIES:
@@ -54,7 +70,8 @@ def tiny_model_path(family: str = "qwen3_vl", size: str = "xs") -> str:
         # Build beside the cache entry and rename it into place, so concurrent builders (parallel
         # test workers, two demos) never see a half-written model; the first rename wins.
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_tiny_model(family, size, tmp)
+        with _own_rng():  # a run that builds the model first must train exactly as one that finds it built
+            build_tiny_model(family, size, tmp)
         try:
             tmp.rename(path)
         except OSError:

@@ -85,6 +85,26 @@ class PolicyTrainer(SurvivingTrainer, Trainer):
     def _save(self, output_dir=None, state_dict=None):
         self.model.save_pretrained(output_dir or self.args.output_dir, self.normalizers)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """A checkpoint holds policy.safetensors (what the policy format saves: the whole model for full
+        fine-tuning, else adapter + head), which the HF loader does not know; the optimizer, scheduler, RNG and
+        data position are then restored by the Trainer as usual."""
+        from safetensors.torch import load_file
+
+        from ..vla.modeling import WEIGHTS_NAME
+
+        model = model or self.model
+        path = Path(resume_from_checkpoint) / WEIGHTS_NAME
+        if not path.is_file():
+            raise ValueError(f"{resume_from_checkpoint}: no {WEIGHTS_NAME}; not a checkpoint of vltune vla")
+        state = load_file(str(path))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        lost = [k for k in missing if k in set(model.weights_to_save())]
+        if unexpected or lost:
+            raise ValueError(f"{path}: does not fit this policy ({len(unexpected)} unexpected, {len(lost)} missing "
+                             f"tensors, e.g. {(unexpected or lost)[0]}); resume with the arguments of the run that "
+                             f"saved it")
+
 
 def eval_loader(trainer, eval_ds, collator):
     from torch.utils.data import DataLoader
