@@ -56,12 +56,29 @@ def _torn(out: Path) -> Path | None:
     return None
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun's workers run in sessions of their own: a process-group kill misses
+    them), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def _kill(argv, out: Path, nproc: int, at_step: int | None, during_save: bool, save_steps: int) -> dict:
-    """Start the run, SIGKILL it (its own pid; under torchrun its whole session, started for it) at `at_step`
+    """Start the run, SIGKILL it (its own pid; under torchrun, the workers' pids first, then torchrun's) at `at_step`
     logged steps, or while a checkpoint is half-written; returns what was done."""
     env = _env({"VLTUNE_DRILL_SAVE_SLEEP": "8"} if during_save else None)
-    proc = subprocess.Popen(_cmd(argv, nproc), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=nproc > 1)
+    proc = subprocess.Popen(_cmd(argv, nproc), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     t0, torn = time.time(), None
     try:
         while True:
@@ -77,10 +94,11 @@ def _kill(argv, out: Path, nproc: int, at_step: int | None, during_save: bool, s
             time.sleep(0.02)
     finally:
         if proc.poll() is None:
-            if nproc > 1:
-                os.killpg(proc.pid, signal.SIGKILL)  # the group of the torchrun we started: it and its workers
-            else:
-                os.kill(proc.pid, signal.SIGKILL)
+            for pid in [*_descendants(proc.pid), proc.pid]:  # as a lost node: every process at once
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         proc.communicate()
     return {"killed_after_step": _logged(out), "torn_checkpoint": torn.name if torn else None}
 
@@ -154,9 +172,9 @@ def test_sft_killed_during_a_checkpoint_save_resumes_from_the_one_before(tmp_pat
 
 def test_sft_torchrun_two_processes_killed_resumes_to_the_same_curve(tmp_path, tiny_path, grounding_jsonl):
     tiny_path("qwen3_vl")  # built once, before two ranks race to build it
-    drill("sft lora, torchrun x2 (gloo)", [*sft_command(grounding_jsonl, "lora", steps=8),
+    drill("sft lora, torchrun x2 (gloo)", [*sft_command(grounding_jsonl, "lora", steps=30),
                                            "--per_device_train_batch_size", "1"], tmp_path,
-          "adapter_model.safetensors", nproc=2, steps=8)
+          "adapter_model.safetensors", nproc=2, steps=30)
 
 
 def test_grpo_killed_at_a_random_step_resumes_to_the_same_curve(tmp_path, grounding_jsonl):
@@ -165,16 +183,16 @@ def test_grpo_killed_at_a_random_step_resumes_to_the_same_curve(tmp_path, ground
                         "--max_completion_length", "8", "--learning_rate", "5e-3", "--logging_steps", "1",
                         "--save_strategy", "steps", "--save_steps", "2", "--report_to", "none",
                         "--gradient_checkpointing", "false", "--heldout_eval", "false"],
-          tmp_path, "adapter_model.safetensors", steps=8, keys=("loss", "reward"))
+          tmp_path, "adapter_model.safetensors", steps=8, save_steps=2, keys=("loss", "reward"))
 
 
 def test_vla_killed_at_a_random_step_resumes_to_the_same_curve(tmp_path):
     from vltune.vla.data.synthetic import make_dataset
 
     data = make_dataset(str(tmp_path / "syn"), fmt="calvin", n_train=16, n_val=0, state_dim=2)
-    drill("vla (lstm head, image shifts)", ["vla", "--dataset", data, "--tiny_size", "xs", "--max_steps", "10",
+    drill("vla (lstm head, image shifts)", ["vla", "--dataset", data, "--tiny_size", "xs", "--max_steps", "40",
                                             "--seed", "11", "--per_device_train_batch_size", "8", "--logging_steps",
                                             "1", "--image_size", "64", "--image_aug_shift", "4", "--save_strategy",
-                                            "steps", "--save_steps", "2", "--save_top_k", "2", "--report_to", "none",
+                                            "steps", "--save_steps", "5", "--save_top_k", "2", "--report_to", "none",
                                             "--val_episodes_ratio", "0"],
           tmp_path, "policy.safetensors")
