@@ -442,6 +442,7 @@ def test_step_takes_every_documented_image_layout_and_rejects_the_rest(tmp_path,
         act(rgb, state[:1])
 
 
+@pytest.mark.drills  # two VLA processes; the kill -9 drill (test_drills.py) covers the same ground
 def test_resume_continues_with_the_same_losses_and_weights(tmp_path, calvin_set):
     """Resumed from the step-3 checkpoint of a 6-step run, steps 4-6 log the losses of the uninterrupted run and
     end at the same weights: the policy weights, optimizer, scheduler and RNG come back, and the image-shift
