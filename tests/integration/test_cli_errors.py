@@ -63,7 +63,8 @@ def _one_line(capsys, argv, *needles, exactly_one=True):
     (["data", "synth"], ["vltune data synth gui"]),
     (["infer", "--users", "x"], ["--users"]),
 ])
-def test_bad_flag_value_is_one_line_before_any_loading(argv, needles, capsys, no_weights):
+def test_bad_flag_value_is_one_line_before_any_loading(argv, needles, capsys, no_weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a command that gets as far as its default --output_dir writes it here
     _one_line(capsys, argv, *needles)
 
 
