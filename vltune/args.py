@@ -82,9 +82,10 @@ class RunSafetyArguments:
     (vltune/train/survive.py). Mixed into each command's TrainingArguments."""
 
     overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Train into an --output_dir that holds a previous run: its checkpoints, train.log, args.json, "
-                "TensorBoard runs/ and appended logs are deleted first. Without it (and without "
-                "--resume_from_checkpoint) such a directory is refused, so a second run never mixes into the first."})
+        "help": "Train into an --output_dir that holds a previous run (checkpoint-N/, trainer_state.json): its "
+                "checkpoints, train.log, args.json, TensorBoard runs/ and appended logs are deleted first. Without it "
+                "(and without --resume_from_checkpoint) such a directory is refused, so a second run never mixes "
+                "into the first."})
     nonfinite: str = field(default="stop", metadata={"choices": ["stop", "skip"],
         "help": "A NaN/inf loss or gradient norm: stop (the error names the step and its samples; the last complete "
                 "checkpoint is kept) | skip (that step leaves the weights and optimizer untouched, counted; the run "

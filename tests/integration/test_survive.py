@@ -142,7 +142,7 @@ def test_a_second_run_into_the_same_directory_is_refused_unless_told(tmp_path, g
 @pytest.mark.parametrize("command", ["grpo", "vla", "personalize"])
 def test_every_command_that_writes_a_run_refuses_a_previous_one(command, tmp_path, capsys):
     """Checked before anything is loaded: the refusal costs nothing."""
-    (tmp_path / ("personalize.json" if command == "personalize" else "args.json")).write_text("{}")
+    (tmp_path / ("personalize.json" if command == "personalize" else "trainer_state.json")).write_text("{}")
     extra = ["--dataset", str(tmp_path / "x.jsonl")] if command == "personalize" else []
     assert cli_main([command, "--output_dir", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err
@@ -154,12 +154,15 @@ def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
     from vltune.train.run import claim_output_dir
 
     fake_checkpoint(tmp_path, 5, complete=True)
-    for name in ("train.log", "args.json", "metrics.csv", "mydata.jsonl"):
+    for name in ("train.log", "args.json", "trainer_state.json", "metrics.csv", "mydata.jsonl"):
         (tmp_path / name).write_text("x")
     (tmp_path / "runs").mkdir()
     claim_output_dir(tmp_path, None, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata.jsonl"]
     claim_output_dir(tmp_path, None, overwrite=False)  # nothing of a run left: accepted
+    (tmp_path / "args.json").write_text("{}")  # an attempt that stopped before training (a wrong --dataset) ...
+    (tmp_path / "train.log").write_text("x")
+    claim_output_dir(tmp_path, None, overwrite=False)  # ... is no previous run: running again after the fix works
 
 
 # ---------------------------------------------------------------------------- preemption

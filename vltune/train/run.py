@@ -1,6 +1,7 @@
 """What every training run does at its start and its end, written once for sft, grpo, vla (and personalize):
 
-- `open_run`: the run directory -- refused when it holds a previous run (`claim_output_dir`), logging, train.log (the console tee), the seed, the W&B project, the resolved
+- `open_run`: the run directory -- refused when it holds a previous run (`claim_output_dir`) --, logging,
+  train.log (the console tee), the seed, the W&B project, the resolved
   arguments in args.json (reloadable with --config);
 - `load_base`: the model path (--model or the embedded tiny model), its processor and its family;
 - `log_preflight`: gradients reach every trainable group, checked on a real batch before the first step;
@@ -23,10 +24,12 @@ from ..console import TeeLog, is_main_process, setup_logging
 logger = logging.getLogger("vltune")
 
 
-# What shows that a directory holds a run (besides checkpoint-N/), and what --overwrite_output_dir deletes: the
-# files a new run would append to or mix with (checkpoints, logs, TensorBoard events); the rest is rewritten.
-RUN_FILES = ("args.json", "train.log", "trainer_state.json")
-RUN_LEFTOVERS = ("completions.jsonl", "metrics.csv", "best_checkpoints.json", "runs")
+# What shows that a directory holds a run that trained (besides checkpoint-N/): an attempt that stopped before
+# training (a wrong --dataset) leaves only args.json and train.log, and running again after the fix is no
+# conflict. What --overwrite_output_dir deletes: those, and the files a new run would append to or mix with
+# (logs, TensorBoard events); the rest is rewritten by the new run.
+RUN_FILES = ("trainer_state.json", "train_results.json")
+RUN_LEFTOVERS = ("args.json", "train.log", "completions.jsonl", "metrics.csv", "best_checkpoints.json", "runs")
 
 
 def _resuming(value) -> bool:
