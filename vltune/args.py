@@ -77,7 +77,25 @@ def default_output_dir(command: str):
 
 
 @dataclass
-class SFTTrainingArguments(TrainingArguments):
+class RunSafetyArguments:
+    """What every training command does with an output directory that holds a run, and with non-finite losses
+    (vltune/train/survive.py). Mixed into each command's TrainingArguments."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Train into an --output_dir that holds a previous run (checkpoint-N/, trainer_state.json): its "
+                "checkpoints, train.log, args.json, TensorBoard runs/ and appended logs are deleted first. Without it "
+                "(and without --resume_from_checkpoint) such a directory is refused, so a second run never mixes "
+                "into the first."})
+    nonfinite: str = field(default="stop", metadata={"choices": ["stop", "skip"],
+        "help": "A NaN/inf loss or gradient norm: stop (the error names the step and its samples; the last complete "
+                "checkpoint is kept) | skip (that step leaves the weights and optimizer untouched, counted; the run "
+                "stops once more than --max_nonfinite_steps were skipped)."})
+    max_nonfinite_steps: int = field(default=10, metadata={
+        "help": "With --nonfinite skip: the most steps that may be skipped before the run stops."})
+
+
+@dataclass
+class SFTTrainingArguments(RunSafetyArguments, TrainingArguments):
     """HF TrainingArguments with defaults for VLM fine-tuning (ms-swift-like)."""
 
     output_dir: str | None = field(default_factory=default_output_dir("sft"), metadata={"help": "Where to write everything."})

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from .errors import UsageError
+from .errors import RunStopped, UsageError
 
 COMMANDS = {
     "demo": ("vltune.recipes.demo", "train the embedded tiny Qwen3-VL on a synthetic click task and show it learns"),
@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(COMMANDS[command][0])
         status = module.main(rest)
+    except RunStopped as e:  # preempted, disk full, non-finite loss: one line, the cause's own status
+        return _run_stopped(command, rest, e)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops at the end of the step)
+        print(f"\nvltune {command}: interrupted (second Ctrl-C): stopped at once, without saving", file=sys.stderr)
+        return RunStopped.INTERRUPTED
     except UsageError as e:  # the user's mistake: one line, status 2 (VLTUNE_DEBUG=1: the traceback too)
         return _usage_error(command, e, str(e))
     _teardown_distributed()
@@ -65,6 +70,34 @@ def _usage_error(command: str, error: BaseException, message: str) -> int:
     prefix = f"vltune {command}"
     print(message if message.startswith("vltune") else f"{prefix}: {message}", file=sys.stderr)
     return 2
+
+
+def resume_command(command: str, argv: list[str]) -> str:
+    """The command line that continues this run: the same arguments, --resume_from_checkpoint true."""
+    import shlex
+
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume_from_checkpoint":
+            skip = True
+        elif not a.startswith("--resume_from_checkpoint="):
+            kept.append(a)
+    launcher = "torchrun ... -m vltune" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "vltune"
+    return f"{launcher} {shlex.join([command, *kept, '--resume_from_checkpoint', 'true'])}"
+
+
+def _run_stopped(command: str, argv: list[str], e: RunStopped) -> int:
+    if os.environ.get("VLTUNE_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(e)
+    if int(os.environ.get("RANK", "0")) == 0:
+        line = f"vltune {command}: {' '.join(e.message.split())}"
+        if e.resumable:
+            line += f"; resume with: {resume_command(command, argv)}"
+        # On a line of its own: the run stopped mid-epoch, with the progress bar's line still open.
+        print(f"\n{line}", file=sys.stderr, flush=True)
+    return e.status
 
 
 def _teardown_distributed() -> None:

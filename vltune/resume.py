@@ -16,22 +16,36 @@ RUN_SPECIFIC = ("resume_from_checkpoint", "logging_dir", "local_rank", "overwrit
 
 
 def resume_checkpoint(value, output_dir: str) -> str | None:
-    """The checkpoint directory to resume from (None: start fresh). `true` = the newest checkpoint-N in
-    `output_dir`. Logs where the run resumes from; a missing checkpoint is a UsageError."""
+    """The checkpoint directory to resume from (None: start fresh). `true` = the newest COMPLETE checkpoint-N
+    in `output_dir` (vltune.checkpoints: its marker was written last); an incomplete one (a run killed while
+    saving it, a full disk) is skipped with a warning naming it. Logs where the run resumes from; a missing or
+    incomplete checkpoint is a UsageError."""
+    from .checkpoints import MARKER, is_complete, list_checkpoints
+
     if value in (None, "", False, "false", "False"):
         return None
     if value in (True, "true", "True"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if found is None:
-            raise UsageError(f"--resume_from_checkpoint true: no checkpoint-N directory in {output_dir}; "
-                             f"give a checkpoint directory, or leave the flag out to start fresh")
-        value = found
+        ckpts = list_checkpoints(output_dir)
+        complete = [c for c in ckpts if c.complete]
+        chosen = complete[-1] if complete else None
+        for c in ckpts:
+            if not c.complete and (chosen is None or c.step > chosen.step):
+                logger.warning("[resume] skipping %s: incomplete (no %s, or a file it lists changed; the run "
+                               "stopped while saving it)", c.path, MARKER)
+        if chosen is None:
+            what = (f"only incomplete checkpoints ({', '.join(os.path.basename(c.path) for c in ckpts)})" if ckpts
+                    else "no checkpoint-N directory")
+            raise UsageError(f"--resume_from_checkpoint true: {what} in {output_dir}; give a complete checkpoint "
+                             f"directory, or leave the flag out to start fresh")
+        value = chosen.path
     path = os.path.expanduser(str(value))
     if not os.path.isdir(path):
         raise UsageError(f"--resume_from_checkpoint {value}: no such checkpoint directory; give a checkpoint-N "
                          f"directory of an earlier run, or leave the flag out to start fresh")
+    if not is_complete(path):
+        raise UsageError(f"--resume_from_checkpoint {value}: incomplete checkpoint (no {MARKER}, or a file it lists "
+                         f"changed: the run stopped while saving it); give a complete one, or "
+                         f"--resume_from_checkpoint true for the newest complete one of its run")
     step = "?"
     state = os.path.join(path, "trainer_state.json")
     if os.path.exists(state):

@@ -69,7 +69,8 @@ def _one_line(capsys, argv, *needles, exactly_one=True):
     (["infer", "--users", "x"], ["--users"]),
     (["infer", "--image", "/nonexistent/screen.png", "--prompt", "Tap settings"], ["--image", "no such file"]),
 ])
-def test_bad_flag_value_is_one_line_before_any_loading(argv, needles, capsys, no_weights):
+def test_bad_flag_value_is_one_line_before_any_loading(argv, needles, capsys, no_weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a command that gets as far as its default --output_dir writes it here
     _one_line(capsys, argv, *needles)
 
 
@@ -202,11 +203,13 @@ def test_args_json_carries_no_run_state_and_resume_is_logged(tmp_path, capsys):
     import logging
 
     from vltune.args import SFTTrainingArguments, dump_config
+    from vltune.checkpoints import mark_complete
     from vltune.resume import resume_checkpoint
 
     ckpt = tmp_path / "run" / "checkpoint-3"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    mark_complete(str(ckpt), 3)
     args = SFTTrainingArguments(output_dir=str(tmp_path / "run"), resume_from_checkpoint=str(ckpt), use_cpu=True)
     dump_config((args,), tmp_path / "args.json")
     saved = json.loads((tmp_path / "args.json").read_text())

@@ -440,3 +440,36 @@ def test_step_takes_every_documented_image_layout_and_rejects_the_rest(tmp_path,
         act(rgb[..., 0][:64, :64])
     with pytest.raises(ValueError, match="state has 1 value"):
         act(rgb, state[:1])
+
+
+@pytest.mark.drills  # two VLA processes; the kill -9 drill (test_drills.py) covers the same ground
+def test_resume_continues_with_the_same_losses_and_weights(tmp_path, calvin_set):
+    """Resumed from the step-3 checkpoint of a 6-step run, steps 4-6 log the losses of the uninterrupted run and
+    end at the same weights: the policy weights, optimizer, scheduler and RNG come back, and the image-shift
+    augmentation depends on the batch, not on how many batches came before. Each run is its own process."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = ["vla", "--dataset", calvin_set, "--tiny_size", "xs", "--max_steps", "6", "--report_to", "none",
+              "--per_device_train_batch_size", "8", "--logging_steps", "1", "--image_size", "64", "--save_strategy",
+              "steps", "--save_steps", "3", "--save_top_k", "5", "--image_aug_shift", "4", "--seed", "5"]
+
+    def vla(*argv):
+        proc = subprocess.run([sys.executable, "-m", "vltune", *common, *argv], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(out):
+        return {h["step"]: h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
+                if "loss" in h}
+
+    vla("--output_dir", str(tmp_path / "full"))
+    vla("--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-3"))
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "checkpoint-3").exists(), "steps 1-3 must not be trained again"
+    for k in (4, 5, 6):
+        assert resumed[k] == pytest.approx(full[k], rel=1e-5), (k, resumed, full)
+    a, b = (load_file(tmp_path / d / "policy.safetensors") for d in ("full", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

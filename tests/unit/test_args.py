@@ -111,11 +111,13 @@ def test_python_api_values_sit_between_config_file_and_command_line(tmp_path):
 
 @pytest.mark.parametrize("value", [None, "", "false", False, "true", True, "checkpoint-4"])
 def test_resume_from_checkpoint_means_the_same_in_every_command(value, tmp_path):
-    """unset/false: start fresh; true: the newest checkpoint-N of --output_dir; else that directory."""
+    """unset/false: start fresh; true: the newest complete checkpoint-N of --output_dir; else that directory."""
+    from vltune.checkpoints import mark_complete
     from vltune.train.run import resolve_resume
 
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-4").mkdir()
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        mark_complete(str(tmp_path / f"checkpoint-{step}"), step)
     expected = None if value in (None, "", "false", False) else str(tmp_path / "checkpoint-4")
     given = str(tmp_path / value) if value == "checkpoint-4" else value
     assert resolve_resume(given, str(tmp_path)) == expected

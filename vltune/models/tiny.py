@@ -12,6 +12,7 @@ Cache: `$VLTUNE_CACHE` or `~/.cache/vltune/tiny/<family>-<size>-v<version>`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -49,6 +50,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("VLTUNE_CACHE", Path.home() / ".cache" / "vltune")) / "tiny"
 
 
+@contextlib.contextmanager
+def _own_rng():
+    """Give back torch's, numpy's and Python's global random state afterwards. The build draws random weights;
+    without this, the first run on a fresh cache (already seeded by then) would start its LoRA init and data
+    order from another state than every later run with the same --seed."""
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
 def tiny_model_path(family: str = "qwen3_vl", size: str = "xs") -> str:
     """Return the directory of the embedded tiny model, building it on first use."""
     if family not in TINY_FAMILIES:
@@ -64,7 +80,8 @@ def tiny_model_path(family: str = "qwen3_vl", size: str = "xs") -> str:
         logger.info("[model] building the embedded tiny %s-%s model (first use only: %s) into %s",
                     family, size, what, path)
         start = time.perf_counter()
-        build_tiny_model(family, size, tmp)
+        with _own_rng():  # a run that builds the model first must train exactly as one that finds it built
+            build_tiny_model(family, size, tmp)
         logger.info("[model] built the tiny %s-%s model in %.0f s (cached for later runs)", family, size,
                     time.perf_counter() - start)
         try:

@@ -101,6 +101,7 @@ def run_demo(d: DemoArguments) -> dict:
             logging_steps=max(1, min(20, int(len(train) / d.batch_size * d.epochs) // 20)), save_strategy="no",
             report_to=["tensorboard"], seed=d.seed, use_cpu=not torch.cuda.is_available(),
             bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+            overwrite_output_dir=True,  # the demo rebuilds its whole directory (data too) on every run
         ),
     )
     train_seconds = time.time() - t_train

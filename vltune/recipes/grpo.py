@@ -39,6 +39,7 @@ from ..train.grpo_heldout import heldout_reward
 from ..train.grpo_prompts import build_prompts, rows_to_dataset
 from ..errors import UsageError
 from ..rewards.registry import resolve_rewards
+from ..train.survive import survivable, train as train_surviving
 from ..train.run import load_base, load_hint, log_preflight, open_run, resolve_resume, write_model_card
 
 logger = logging.getLogger("vltune")
@@ -99,14 +100,14 @@ def run_grpo(model_args: ModelArguments, tuner: TunerArguments, data: DataArgume
 
         groups = args.generation_batch_size // args.num_generations
         run_log = GRPORunLog(str(out), list(reward.reward_funcs), weights, groups, args.log_completions)
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args.for_trl(), train_dataset=train_ds,
+        trainer = survivable(GRPOTrainer)(model=model, reward_funcs=reward_funcs, args=args.for_trl(), train_dataset=train_ds,
                               processing_class=processor, callbacks=[run_log, *(callbacks or [])])
         run_log.trainer = trainer
         logger.info("[grpo] %d prompts x %d generations per step (= %d groups), %s steps, updates per batch %d, "
                     "beta %g, loss %s", groups, args.num_generations, groups, args.max_steps if args.max_steps > 0
                     else "epoch-based", args.updates_per_batch, args.beta, args.loss_type)
         t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+        result = train_surviving(trainer, resolve_resume(args.resume_from_checkpoint, args.output_dir), args)
         train_seconds = time.time() - t0
         metrics = dict(result.metrics)
 

@@ -62,7 +62,11 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
     if not data.dataset:
         raise UsageError("vltune personalize: give the users' data with --dataset (JSONL with a `user` column, "
                          "or a per-user pickle dir with --allow_pickle true)")
+    from ..train.run import claim_output_dir
+
     root = Path(args.output_dir)
+    # Checked once for the whole run; each user's directory under adapters/ is then new (or cleared with it).
+    claim_output_dir(root, args.resume_from_checkpoint, args.overwrite_output_dir, extra=("personalize.json", "adapters"))
     root.mkdir(parents=True, exist_ok=True)
     samples, errors = read_dataset(data.dataset, users=data.users, allow_pickle=data.allow_pickle)
     for e in errors:

@@ -35,6 +35,7 @@ from ..models.config import ModelArguments, TunerArguments
 from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
 from ..train.run import log_preflight, open_run, resolve_resume, write_model_card
 from ..train.vla_config import ARG_GROUPS, PolicyArguments, VLADataArguments, VLATrainingArguments
+from ..train.survive import WithSampleIds, train as train_surviving
 from ..train.vla_trainer import CSVLog, PolicyTrainer, TimeBudget, TopKCheckpoints, eval_loader
 from ..vla.config import PolicyConfig, parse_index_list
 from ..vla.data.episodes import Episode
@@ -268,12 +269,12 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
         if args.train_seconds:
             cbs.append(TimeBudget(args.train_seconds))
         trainer = PolicyTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                data_collator=collator, callbacks=cbs)
+                                data_collator=WithSampleIds(collator), callbacks=cbs)
         trainer.normalizers = normalizers
         if eval_ds is not None:
             trainer.get_eval_dataloader = eval_loader(trainer, eval_ds, eval_collator)
         t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+        result = train_surviving(trainer, resolve_resume(args.resume_from_checkpoint, args.output_dir), args)
         metrics = dict(result.metrics)
         metrics["train_wall_seconds"] = round(time.time() - t0, 1)
         if constant_dims:

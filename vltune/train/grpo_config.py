@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from ..args import DataArguments, default_output_dir
+from ..args import DataArguments, RunSafetyArguments, default_output_dir
 from ..models.config import BaseModelArguments, TunerArguments
 
 
@@ -58,7 +58,7 @@ class RewardArguments:
 
 
 @dataclass
-class GRPOTrainingArguments(GRPOConfig):
+class GRPOTrainingArguments(RunSafetyArguments, GRPOConfig):
     """TRL's GRPOConfig (every TRL/HF name works) with vltune's defaults and the seeds' `num_iterations`."""
 
     output_dir: str | None = field(default_factory=default_output_dir("grpo"), metadata={"help": "Where to write everything."})

@@ -73,7 +73,8 @@ def rows_to_dataset(rows: list[PromptRow]):
 
     def decode(batch: dict) -> dict:
         chosen = [rows[i] for i in batch["__row"]]
-        out = {"prompt": [r.prompt for r in chosen]}
+        # sample_id: where each prompt came from, so that a non-finite step can name its prompts.
+        out = {"prompt": [r.prompt for r in chosen], "sample_id": [r.sample.where for r in chosen]}
         if has_images:
             out["images"] = [[load_image(ref) for ref in r.sample.images] for r in chosen]
         for c in columns:

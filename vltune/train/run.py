@@ -1,6 +1,7 @@
 """What every training run does at its start and its end, written once for sft, grpo, vla (and personalize):
 
-- `open_run`: the run directory -- logging, train.log (the console tee), the seed, the W&B project, the resolved
+- `open_run`: the run directory -- refused when it holds a previous run (`claim_output_dir`) --, logging,
+  train.log (the console tee), the seed, the W&B project, the resolved
   arguments in args.json (reloadable with --config);
 - `load_base`: the model path (--model or the embedded tiny model), its processor and its family;
 - `log_preflight`: gradients reach every trainable group, checked on a real batch before the first step;
@@ -24,13 +25,63 @@ from ..console import TeeLog, is_main_process, setup_logging
 logger = logging.getLogger("vltune")
 
 
+# What shows that a directory holds a run that trained (besides checkpoint-N/): an attempt that stopped before
+# training (a wrong --dataset) leaves only args.json and train.log, and running again after the fix is no
+# conflict. What --overwrite_output_dir deletes: those, and the files a new run would append to or mix with
+# (logs, TensorBoard events); the rest is rewritten by the new run.
+RUN_FILES = ("trainer_state.json", "train_results.json")
+RUN_LEFTOVERS = ("args.json", "train.log", "completions.jsonl", "metrics.csv", "best_checkpoints.json", "runs")
+
+
+def _resuming(value) -> bool:
+    return value not in (None, "", False, "false", "False")
+
+
+def claim_output_dir(out: Path, resume, overwrite: bool, extra: tuple = ()) -> None:
+    """A new run never trains into a directory that holds a previous one: it would append to its train.log and
+    overwrite its checkpoint-N one by one, and `--resume_from_checkpoint true` would later mix the two. Resuming
+    is allowed; --overwrite_output_dir true deletes the previous run's checkpoints and logs first. Checked by the
+    main process only (the others would see the files it has just written)."""
+    import shutil
+
+    if not is_main_process() or not out.is_dir() or _resuming(resume):
+        return
+    names = RUN_FILES + extra
+    found = sorted(p.name for p in out.iterdir() if p.name in names or
+                   (p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit()))
+    if not found:
+        return
+    if not overwrite:
+        from ..errors import UsageError
+
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise UsageError(f"--output_dir {out} holds a previous run ({shown}): continue it with "
+                         f"--resume_from_checkpoint true, replace it with --overwrite_output_dir true, or give a "
+                         f"new --output_dir")
+    from ..checkpoints import unmark
+
+    for p in out.iterdir():
+        if p.name in names + RUN_LEFTOVERS or (p.is_dir() and p.name.startswith("checkpoint-")):
+            if p.is_dir():
+                unmark(str(p))
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    logger.warning("[run] --overwrite_output_dir: deleted the previous run in %s (%s)", out, ", ".join(found))
+
+
 @contextlib.contextmanager
 def open_run(output_dir: str, arg_groups: tuple, seed: int, wandb_project: str | None = None):
-    """Create `output_dir`, tee the console into its train.log, seed everything, write args.json; yields the Path."""
+    """Create `output_dir` (refusing one that holds a previous run unless the run resumes or
+    --overwrite_output_dir is given), tee the console into its train.log, seed everything, write args.json;
+    yields the Path."""
     from transformers import set_seed
 
     setup_logging()
     out = Path(output_dir)
+    train = next((g for g in arg_groups if hasattr(g, "overwrite_output_dir")), None)
+    if train is not None:
+        claim_output_dir(out, train.resume_from_checkpoint, train.overwrite_output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with TeeLog(out / "train.log"):
         if wandb_project:

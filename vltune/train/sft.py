@@ -25,6 +25,8 @@ from ..models.load import load_model
 from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
 from .debug import attach_debug_callback
 from .run import load_base, load_hint, log_preflight, open_run, resolve_resume, write_model_card
+from .survive import WithSampleIds, survivable
+from .survive import train as train_surviving
 
 logger = logging.getLogger("vltune")
 
@@ -178,10 +180,11 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
         if eval_ds is not None and args.eval_strategy == "no":
             args.eval_strategy = args.save_strategy
             args.eval_steps = args.eval_steps or args.save_steps
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=collator, processing_class=processor, callbacks=callbacks)
+        trainer = survivable(Trainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=WithSampleIds(collator), processing_class=processor,
+                                          callbacks=callbacks)
         attach_debug_callback(trainer)  # per-rank dump when $VLTUNE_DEBUG_DIST_DIR is set (vltune/train/debug.py)
-        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+        result = train_surviving(trainer, resolve_resume(args.resume_from_checkpoint, args.output_dir), args)
         metrics = dict(result.metrics)
         if eval_ds is not None:
             metrics.update(trainer.evaluate())

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..args import default_output_dir
+from ..args import RunSafetyArguments, default_output_dir
 from ..models.config import ModelArguments, TunerArguments
 
 
@@ -103,7 +103,7 @@ class VLADataArguments:
 
 
 @dataclass
-class VLATrainingArguments(TrainingArguments):
+class VLATrainingArguments(RunSafetyArguments, TrainingArguments):
     """HF TrainingArguments with the Lightning-era behaviour RoboVLMs users rely on."""
 
     output_dir: str | None = field(default_factory=default_output_dir("vla"), metadata={"help": "Where to write everything."})

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
+from ..checkpoints import list_checkpoints, unmark
+from .survive import SurvivingTrainer
+
 logger = logging.getLogger("vltune")
 
 
@@ -28,10 +31,12 @@ class TopKCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         if not state.is_world_process_zero or self.k <= 0:
             return
-        ckpts = {int(p.name.split("-")[1]): p for p in self.dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()}
+        # Only complete checkpoints compete (SurvivingTrainer removes incomplete leftovers and marks new ones).
+        ckpts = {c.step: Path(c.path) for c in list_checkpoints(self.dir) if c.complete}
         rank = sorted(ckpts, key=lambda s: (self.losses.get(s, float("inf")), -s)) if self.losses else \
             sorted(ckpts, reverse=True)
         for step in rank[self.k:]:
+            unmark(str(ckpts[step]))
             shutil.rmtree(ckpts[step], ignore_errors=True)
         kept = [{"step": s, "eval_loss": self.losses.get(s), "path": str(ckpts[s])} for s in rank[: self.k]]
         (self.dir / "best_checkpoints.json").write_text(json.dumps(kept, indent=1))
@@ -72,13 +77,33 @@ class TimeBudget(TrainerCallback):
             control.should_save = True
 
 
-class PolicyTrainer(Trainer):
+class PolicyTrainer(SurvivingTrainer, Trainer):
     """Trainer that saves checkpoints in the policy format (loadable with Policy.from_pretrained)."""
 
     normalizers: dict | None = None
 
     def _save(self, output_dir=None, state_dict=None):
         self.model.save_pretrained(output_dir or self.args.output_dir, self.normalizers)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """A checkpoint holds policy.safetensors (what the policy format saves: the whole model for full
+        fine-tuning, else adapter + head), which the HF loader does not know; the optimizer, scheduler, RNG and
+        data position are then restored by the Trainer as usual."""
+        from safetensors.torch import load_file
+
+        from ..vla.modeling import WEIGHTS_NAME
+
+        model = model or self.model
+        path = Path(resume_from_checkpoint) / WEIGHTS_NAME
+        if not path.is_file():
+            raise ValueError(f"{resume_from_checkpoint}: no {WEIGHTS_NAME}; not a checkpoint of vltune vla")
+        state = load_file(str(path))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        lost = [k for k in missing if k in set(model.weights_to_save())]
+        if unexpected or lost:
+            raise ValueError(f"{path}: does not fit this policy ({len(unexpected)} unexpected, {len(lost)} missing "
+                             f"tensors, e.g. {(unexpected or lost)[0]}); resume with the arguments of the run that "
+                             f"saved it")
 
 
 def eval_loader(trainer, eval_ds, collator):

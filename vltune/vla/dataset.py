@@ -49,7 +49,7 @@ class WindowDataset(torch.utils.data.Dataset):
         steps = frames[:, None] + np.arange(n)[None]  # (W, N) action indices
         mask = (steps < len(acts)) & valid[:, None]
         item = {"actions": acts[np.minimum(steps, len(acts) - 1)], "action_mask": mask,
-                "instruction": ep.instruction}
+                "instruction": ep.instruction, "where": f"{ep.source or f'episode {e}'} frame {t}", "index": i}
         if cfg.use_images:
             item["images"] = np.stack([np.stack([np.asarray(ep.images[c][f]) for c in cfg.cameras]) for f in frames])
         if cfg.state_dim:
@@ -58,19 +58,29 @@ class WindowDataset(torch.utils.data.Dataset):
 
 
 class WindowCollator:
-    """Stacks windows, builds the backbone inputs of every frame, applies random-shift augmentation."""
+    """Stacks windows, builds the backbone inputs of every frame, applies random-shift augmentation.
+
+    The shifts are a function of (seed, the batch's window indices) and of nothing else: not of how many
+    batches came before. A run resumed from a checkpoint (which skips the batches already trained, without
+    collating them) then sees exactly the batches of the uninterrupted run; every epoch still shifts a window
+    differently, as the shuffled batches it falls in differ."""
 
     def __init__(self, frame_inputs, config: PolicyConfig, augment_shift: int = 0, seed: int = 0):
-        self.frames, self.config, self.shift = frame_inputs, config, augment_shift
-        self.gen = torch.Generator().manual_seed(seed)
+        self.frames, self.config, self.shift, self.seed = frame_inputs, config, augment_shift, seed
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+    def _generator(self, indices: list) -> torch.Generator:
+        import hashlib
+
+        key = hashlib.blake2b(repr((self.seed, indices)).encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Random shift (pad by replication, crop back) per image; x uint8 (M, S, S, 3)."""
         s = self.shift
         m, h, w, _ = x.shape
         padded = torch.nn.functional.pad(x.permute(0, 3, 1, 2).float(), (s, s, s, s), mode="replicate")
-        dx = torch.randint(0, 2 * s + 1, (m,), generator=self.gen)
-        dy = torch.randint(0, 2 * s + 1, (m,), generator=self.gen)
+        dx = torch.randint(0, 2 * s + 1, (m,), generator=gen)
+        dy = torch.randint(0, 2 * s + 1, (m,), generator=gen)
         out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(m)])
         return out.to(torch.uint8).permute(0, 2, 3, 1)
 
@@ -86,7 +96,7 @@ class WindowCollator:
             c = x.shape[2]
             flat = self.frames.resize(x.flatten(0, 2))
             if self.shift:
-                flat = self._augment(flat)
+                flat = self._augment(flat, self._generator([it.get("index") for it in items]))
             images = flat.view(b * w, c, *flat.shape[1:])
         instructions = [it["instruction"] for it in items for _ in range(w)]
         batch.update(self.frames(instructions, images))
