@@ -41,7 +41,7 @@ class LengthEstimator:
     def __init__(self, processor):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self._extra_tokens: dict[tuple[int, int], int] = {}
+        self._extra_tokens: dict[tuple[int, int], int | DataError] = {}  # a size the processor refuses: its error
 
     def image_tokens(self, size: tuple[int, int]) -> int:
         if size not in self._extra_tokens:
