@@ -7,8 +7,8 @@ Checks go by field name, so they apply to every command that has the field:
 - numbers that must be positive (`lora_rank`, `lora_alpha`, `max_length`, ...) or in a range (`lora_dropout`);
 - `--users` / `--test_users` must parse as user ids ('11-83', '1,3,5-7');
 - `--model` given as a local path must exist (a hub id is left to from_pretrained).
-Data paths are checked where the data is read (`check_data_path`, before any weight is loaded): a config file
-may name data that a later step writes.
+Data paths are checked where the data is read (vltune.data.formats, before any weight is loaded): a config
+file may name data that a later step writes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from .errors import UsageError
 
 POSITIVE = ("lora_rank", "lora_alpha", "max_length", "num_samples", "max_new_tokens", "num_generations",
-            "max_completion_length", "samples_per_user", "test_per_user")
+            "max_completion_length", "samples_per_user", "test_per_user", "max_pixels", "min_pixels")
 FRACTION = {"lora_dropout": (0.0, 1.0, "in [0, 1)")}
 USER_FIELDS = ("users", "test_users")
 MODEL_FIELDS = ("model", "base", "zero_shot")
@@ -88,16 +88,6 @@ def check_model_path(value: str, flag: str = "--model") -> None:
         return
     raise UsageError(f"{flag} {value}: no such directory; give a local model directory (a hub id such as "
                      f"Qwen/Qwen3-VL-2B-Instruct needs network access or the local Hugging Face cache)")
-
-
-def check_data_path(spec: str, flag: str, allow_pickle: bool, has_pickle_flag: bool) -> None:
-    path = os.path.expanduser(spec)
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {spec}: no such file or directory; check the path")
-    if has_pickle_flag and not allow_pickle and os.path.isdir(path) and any(
-            USER_FILE.search(name) for name in os.listdir(path)):
-        raise UsageError(f"{flag} {spec}: a per-user pickle directory; loading pickles runs code from the files, "
-                         f"so pass --allow_pickle true if you trust them")
 
 
 def check_users_have_data(users: str | None) -> None:

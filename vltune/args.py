@@ -271,12 +271,12 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     cfg = rename_keys(load_config_file(pre.config, known | set(renamed)), renamed, prog) if pre.config else {}
     unknown = sorted(set(cfg) - known - {"config"})
     if unknown:
-        raise SystemExit(f"{prog}: unknown key(s) in {pre.config}: {', '.join(unknown)}")
+        raise UsageError(f"{prog}: unknown key(s) in {pre.config}: {', '.join(unknown)}")
     if values:
         given = apply_aliases(rename_keys(dict(values), renamed, prog), known)
         unknown = sorted(set(given) - known)
         if unknown:
-            raise SystemExit(f"{prog}: unknown argument name(s): {', '.join(unknown)}")
+            raise UsageError(f"{prog}: unknown argument name(s): {', '.join(unknown)}")
         cfg.update(given)
 
     defaults = dict(cfg)

@@ -54,10 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         status = module.main(rest)
     except UsageError as e:  # the user's mistake: one line, status 2 (VLTUNE_DEBUG=1: the traceback too)
         return _usage_error(command, e, str(e))
-    except SystemExit as e:  # `raise SystemExit("message")` is the recipes' other way to say the same
-        if not isinstance(e.code, str):
-            raise
-        return _usage_error(command, e, e.code)
     _teardown_distributed()
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
 

@@ -23,6 +23,8 @@ import importlib.util
 import logging
 import os
 
+from .errors import UsageError
+
 logger = logging.getLogger("vltune")
 
 # ---------------------------------------------------------------------------- DeepSpeed presets
@@ -92,9 +94,9 @@ def resolve_deepspeed(value):
     elif os.path.isfile(os.path.expanduser(value)):
         config = os.path.expanduser(value)
     else:
-        raise SystemExit(f"--deepspeed {value}: not a preset ({', '.join(DEEPSPEED_PRESETS)}) and no such JSON file")
+        raise UsageError(f"--deepspeed {value}: not a preset ({', '.join(DEEPSPEED_PRESETS)}) and no such JSON file")
     if importlib.util.find_spec("deepspeed") is None:
-        raise SystemExit(f"--deepspeed {value} needs the deepspeed package: pip install 'vltune[deepspeed]' "
+        raise UsageError(f"--deepspeed {value} needs the deepspeed package: pip install 'vltune[deepspeed]' "
                          f"(or drop --deepspeed to train with plain DDP)")
     return config
 
@@ -145,7 +147,7 @@ FSDP_PRESETS = {
 def fsdp_config(preset: str) -> dict:
     """The `fsdp_config` dict of an FSDP2 preset (`fsdp2`, `fsdp2_offload`)."""
     if preset not in FSDP_PRESETS:
-        raise SystemExit(f"--fsdp {preset}: not a preset ({', '.join(FSDP_PRESETS)}); or give "
+        raise UsageError(f"--fsdp {preset}: not a preset ({', '.join(FSDP_PRESETS)}); or give "
                          f"--fsdp_config FILE.json")
     config = {"version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
               "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}

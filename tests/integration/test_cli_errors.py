@@ -58,10 +58,16 @@ def _one_line(capsys, argv, *needles, exactly_one=True):
     (["sft", "--config", "/nonexistent.yaml"], ["--config /nonexistent.yaml", "no such file"]),
     (["sft", "--resume_from_checkpoint", "/nonexistent/checkpoint-3"], ["--resume_from_checkpoint", "no such"]),
     (["vla", "--train_type", "lorax"], ["--train_type", "frozen"]),
+    (["vla", "--action_head", "foo"], ["--action_head", "lstm"]),
+    (["sft", "--max_pixels", "-1"], ["--max_pixels -1", "positive"]),
     (["grpo", "--external_plugins", "/nonexistent/my_rewards.py", "--reward_funcs", "mine"],
      ["--external_plugins /nonexistent/my_rewards.py", "no such file"]),
     (["data", "synth"], ["vltune data synth gui"]),
+    (["data", "chek"], ["vltune data: unknown sub-command 'chek'", "check"]),
+    (["eval", "groundng"], ["vltune eval: unknown task 'groundng'", "grounding"]),
+    (["export", "--output_dir", "/tmp/x"], ["vltune export", "--merge_lora", "--deepspeed_to_fp32"]),
     (["infer", "--users", "x"], ["--users"]),
+    (["infer", "--image", "/nonexistent/screen.png", "--prompt", "Tap settings"], ["--image", "no such file"]),
 ])
 def test_bad_flag_value_is_one_line_before_any_loading(argv, needles, capsys, no_weights):
     _one_line(capsys, argv, *needles)
@@ -83,6 +89,7 @@ def test_unknown_reward_name_is_one_line_before_the_model(capsys, no_weights, tm
 @pytest.mark.parametrize("argv, needles", [
     (["sft", "--dataset", "/nonexistent.jsonl"], ["/nonexistent.jsonl", "no such file", "--dataset"]),
     (["vla", "--dataset", "data/nope"], ["--dataset data/nope", "does not exist"]),
+    (["data", "check", "--dataset", "/nonexistent.jsonl"], ["/nonexistent.jsonl", "no such file"]),
 ])
 def test_missing_data_is_one_line_before_the_weights(argv, needles, capsys, tmp_path, monkeypatch):
     """Data is read after the processor, before any weight: a missing path is one line."""
@@ -92,6 +99,12 @@ def test_missing_data_is_one_line_before_the_weights(argv, needles, capsys, tmp_
     monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("weights loaded before the data was read"))
     monkeypatch.setattr(vltune.recipes.vla, "build_backbone", lambda *a, **k: pytest.fail("backbone built first"))
     _one_line(capsys, argv, *needles, exactly_one=False)
+
+
+def test_eval_vla_without_a_policy_is_one_line_and_writes_nothing(tmp_path, capsys):
+    _one_line(capsys, ["eval", "vla", "--policy", str(tmp_path / "nope")], "--policy", "policy_config.json",
+              "--policy_server")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pickle_dir_without_allow_pickle(tmp_path, capsys):
@@ -152,6 +165,19 @@ def test_vltune_debug_shows_the_traceback(capsys, monkeypatch, no_weights):
     assert main(["sft", "--lora_rank", "-3"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "UsageError" in err and err.strip().splitlines()[-1].startswith("vltune sft:")
+
+
+def test_library_code_says_a_mistake_one_way():
+    """Every user-facing mistake is a UsageError (one line, exit 2, traceback under VLTUNE_DEBUG=1): no module
+    prints its own message and raises SystemExit, which would bypass VLTUNE_DEBUG and the one-line format."""
+    import re
+    from pathlib import Path
+
+    import vltune
+
+    offenders = [f"{p.name}:{n}" for p in Path(vltune.__file__).parent.rglob("*.py")
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bSystemExit\(", line)]
+    assert offenders == [], offenders
 
 
 def test_data_errors_are_usage_errors():

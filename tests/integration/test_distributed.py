@@ -15,6 +15,7 @@ import pytest
 
 from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
 from vltune.distributed import DEEPSPEED_PRESETS, deepspeed_config, resolve_deepspeed
+from vltune.errors import UsageError
 from vltune.train.debug import DEBUG_DIST_ENV
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -66,10 +67,10 @@ def test_deepspeed_values(tmp_path, monkeypatch):
         assert resolve_deepspeed("zero2")["zero_optimization"]["stage"] == 2
         assert resolve_deepspeed(str(own)) == str(own)  # a user's file passes through to transformers
     assert resolve_deepspeed(None) is None and resolve_deepspeed("none") is None
-    with pytest.raises(SystemExit, match="zero2, zero3, zero2_offload, zero3_offload"):
+    with pytest.raises(UsageError, match="zero2, zero3, zero2_offload, zero3_offload"):
         resolve_deepspeed("zero5")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else object())
-    with pytest.raises(SystemExit, match=r"pip install 'vltune\[deepspeed\]'"):
+    with pytest.raises(UsageError, match=r"pip install 'vltune\[deepspeed\]'"):
         resolve_deepspeed("zero2")
 
 
@@ -216,10 +217,10 @@ def test_export_refuses_a_folder_without_a_zero_checkpoint(tmp_path):
     from vltune.recipes.export import main as export_main
 
     if not HAS_DEEPSPEED:
-        with pytest.raises(SystemExit, match=r"vltune\[deepspeed\]"):
+        with pytest.raises(UsageError, match=r"vltune\[deepspeed\]"):
             export_main(["--deepspeed_to_fp32", str(tmp_path), "--output_dir", str(tmp_path / "o")])
     else:
-        with pytest.raises(SystemExit, match="checkpoint-N"):
+        with pytest.raises(UsageError, match="checkpoint-N"):
             export_main(["--deepspeed_to_fp32", str(tmp_path), "--output_dir", str(tmp_path / "o")])
 
 
@@ -238,5 +239,5 @@ def test_fsdp2_presets_become_fsdp_config(tmp_path, monkeypatch):
     assert plugin["fsdp_version"] == 2 and plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     *_, args = parse_args(GROUPS, ["--fsdp=fsdp2_offload", "--output_dir", str(tmp_path)])
     assert args.fsdp_config["cpu_offload"] is True
-    with pytest.raises(SystemExit, match="fsdp2, fsdp2_offload"):
+    with pytest.raises(UsageError, match="fsdp2, fsdp2_offload"):
         parse_args(GROUPS, ["--fsdp", "fsdp2_ofload", "--output_dir", str(tmp_path)])

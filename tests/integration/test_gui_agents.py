@@ -252,13 +252,12 @@ def test_breakdown_scores():
 
 
 def test_personalize_refuses_full_and_needs_users_data(tmp_path, tiny_path, grounding_jsonl):
+    from vltune.errors import UsageError
     from vltune.recipes.personalize import main as personalize_main
 
-    with pytest.raises(SystemExit, match="--train_type lora"):
+    with pytest.raises(UsageError, match="--train_type lora"):
         personalize_main(["--base", tiny_path(), "--dataset", grounding_jsonl, "--train_type", "full",
                           "--output_dir", str(tmp_path / "o")])
-    from vltune.errors import UsageError
-
     with pytest.raises(UsageError, match="matches no user"):  # the demo set has no `user` column
         personalize_main(["--base", tiny_path(), "--dataset", grounding_jsonl, "--users", "1-2",
                           "--output_dir", str(tmp_path / "o")])
@@ -299,3 +298,30 @@ def test_global_model_keeps_its_training_resize(tmp_path, tiny_path):
     assert resized_size(got, 512, 512) == resized_size(proc, 512, 512) == (112, 112)
     _, bigger, _ = load_global(ModelArguments(max_pixels=200_000), str(saved))
     assert resized_size(bigger, 512, 512)[0] > 112
+
+
+def test_personalize_on_a_lora_global_model(tmp_path, tiny_path):
+    """The README's path: `vltune sft` (LoRA by default) makes the global model, `vltune personalize --base` takes
+    that adapter directory (merged into its base in memory) and trains a user's adapter on it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from vltune.data.synthetic import make_grounding_set
+    from vltune.models.load import load_processor
+    from vltune.recipes.personalize import main as personalize_main
+
+    torch.manual_seed(0)
+    global_lora = tmp_path / "global"
+    get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_path()),
+                   LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+                   ).save_pretrained(global_lora)
+    load_processor(tiny_path()).save_pretrained(global_lora)
+    made = make_grounding_set(tmp_path / "data", n_train=4, n_test=2, seed=1)
+    rows = [{**json.loads(line), "user": 7} for line in Path(made["train"]).read_text().splitlines()]
+    users = Path(made["train"]).with_name("users.jsonl")  # beside the images its rows name
+    users.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = personalize_main(["--base", str(global_lora), "--dataset", str(users),
+                                "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--report_to", "none",
+                                "--save_strategy", "no", "--gradient_checkpointing", "false"])
+    assert list(summary["users"]) == [7]
+    assert (tmp_path / "out" / "adapters" / "user_7" / "adapter_model.safetensors").is_file()

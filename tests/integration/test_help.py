@@ -78,3 +78,10 @@ def test_no_abbreviated_flags(argv, capsys):
     err = capsys.readouterr().err
     assert status == 2
     assert err.count("\n") == 1 and "unrecognised arguments: --confi" in err and "--config" in err, err
+
+
+def test_sft_help_lists_the_flags_users_look_for(capsys):
+    out = _help(capsys, ["sft"])
+    for flag in ("--train_type", "--lora_rank", "--freeze_vit", "--max_pixels", "--loss_scale", "--strict",
+                 "--resume_from_checkpoint", "--gradient_checkpointing"):
+        assert flag in out, flag

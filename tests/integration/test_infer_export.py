@@ -4,6 +4,7 @@ plain transformers (no vltune import) loads and that answers exactly like base +
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from vltune.errors import UsageError
 
 from tests.helpers import write_image
 
@@ -127,7 +130,7 @@ def test_generation_arguments_reach_generate(constant_adapter, monkeypatch, caps
                          "--num_beams", "2", "--max_new_tokens", "3"])
     assert {k: seen[-1][k] for k in ("do_sample", "temperature", "top_p", "top_k", "num_beams", "max_new_tokens")} == \
         {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "num_beams": 2, "max_new_tokens": 3}
-    with pytest.raises(SystemExit, match="--do_sample"):
+    with pytest.raises(UsageError, match="--do_sample"):
         infer_main(common + ["--temperature", "0.7"])
 
 
@@ -137,7 +140,7 @@ PLAIN_TRANSFORMERS = textwrap.dedent("""
     import json, sys
     import torch
     from PIL import Image
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     import transformers
 
     out, image_path, prompt = sys.argv[1:4]
@@ -146,22 +149,11 @@ PLAIN_TRANSFORMERS = textwrap.dedent("""
     assert hasattr(transformers, saved_class), saved_class
     image = Image.open(image_path).convert("RGB")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    try:
-        processor = AutoProcessor.from_pretrained(out)
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=False)
-    except (OSError, ImportError):
-        # Qwen-VL processors also build a video processor, which needs torchvision; where it is missing (transformers
-        # then raises ImportError, or OSError when the video config file is absent),
-        # do the processor's work by hand: chat template, image features, one pad token per merged patch,
-        # and mm_token_type_ids (1 on image tokens), from which Qwen3-VL computes its multimodal positions.
-        tokenizer, image_processor = AutoTokenizer.from_pretrained(out), AutoImageProcessor.from_pretrained(out)
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        pixels = image_processor(images=[image], return_tensors="pt")
-        n = int(pixels["image_grid_thw"].prod()) // image_processor.merge_size ** 2
-        text = text.replace("<|image_pad|>", "<|image_pad|>" * n)
-        inputs = {**tokenizer([text], return_tensors="pt", add_special_tokens=False), **pixels}
-        inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).long()
+    # The README's line. Without torchvision (as here) transformers cannot build any Qwen-VL processor (its video
+    # processor needs torchvision); the export ships an image-only one that trust_remote_code loads.
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     assert not [m for m in sys.modules if m.split(".")[0] == "vltune"]
@@ -194,8 +186,9 @@ def _greedy_ids(base: str, image: str, prompt: str, adapter: str | None = None) 
 
 
 def _run_plain(out: Path, image: str, prompt: str) -> list[int]:
+    env = {**os.environ, "HF_MODULES_CACHE": str(out.parent / "hf_modules")}  # trust_remote_code's copy: not ~
     proc = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(out), image, prompt],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -206,6 +199,11 @@ def test_merged_model_loads_without_vltune_and_answers_like_base_plus_adapter(co
     out = export_main(["--adapters", constant_adapter["adapter"], "--merge_lora", "--output_dir", str(tmp_path / "m")])
     assert list(out.glob("*.safetensors")) and (out / "chat_template.jinja").exists()
     assert not (out / "adapter_config.json").exists()
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:  # the image-only processor travels with the export
+        assert (out / "processing_image_only.py").is_file()
+        assert "import vltune" not in (out / "processing_image_only.py").read_text()
     expected = _greedy_ids(tiny_path("qwen3_vl"), constant_adapter["image"], "Click the red circle",
                            constant_adapter["adapter"])
     got = _run_plain(out, constant_adapter["image"], "Click the red circle")
@@ -244,7 +242,7 @@ def test_merge_of_a_random_adapter_on_idefics3_matches_token_for_token(tmp_path,
 def test_export_refuses_unclear_requests(tmp_path):
     from vltune.recipes.export import main as export_main
 
-    with pytest.raises(SystemExit, match="choose one"):
+    with pytest.raises(UsageError, match="choose one"):
         export_main(["--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="adapter_config.json"):
+    with pytest.raises(UsageError, match="adapter_config.json"):
         export_main(["--adapters", str(tmp_path), "--merge_lora", "--output_dir", str(tmp_path / "m")])

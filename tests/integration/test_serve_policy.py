@@ -382,11 +382,7 @@ def test_serve_command_user_errors(tmp_path, monkeypatch, capsys):
     for argv, words in ((["serve", "policy"], "vltune vla --max_steps 20"),
                         (["serve", "policy", "--policy", str(tmp_path / "none")], "--policy"),
                         (["serve", "gui"], "gui")):  # a mistyped target: vltune serve's one-line error
-        try:
-            status = main(argv)  # vltune's usage errors return 2; serve policy's own checks exit 2
-        except SystemExit as e:
-            status = e.code
-        assert status == 2
+        assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
 
@@ -400,8 +396,9 @@ def test_serve_command_port_taken(policy_dir, capsys):
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     try:
-        with pytest.raises(SystemExit) as e:
+        from vltune.errors import UsageError
+
+        with pytest.raises(UsageError, match="--port"):
             main(["--policy", policy_dir, "--port", str(sock.getsockname()[1])])
-        assert e.value.code == 2 and "--port" in capsys.readouterr().err
     finally:
         sock.close()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
 from vltune.models.families import part_of
 from vltune.recipes.sft import main as sft_main
 
@@ -188,3 +191,23 @@ def test_logits_to_keep_gives_the_same_loss_and_gradients(family, tiny_path, pro
         results.append((loss.detach(), model.lm_head.weight.grad.clone()))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
+
+
+def test_sft_runs_offline_with_defaults_and_writes_everything(tmp_path):
+    """`vltune sft --train_type lora --max_steps 5` as a user types it: tiny model + demo data."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "vltune", "sft", "--train_type", "lora", "--max_steps", "5",
+                           "--output_dir", str(out), "--save_steps", "5", "--logging_steps", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "args.json", "train.log", "loss.png",
+                 "trainer_state.json", "data_report.json", "README.md", "checkpoint-5", "chat_template.jinja"):
+        assert (out / name).exists(), name
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard events by default"
+    log = (out / "train.log").read_text()
+    assert "trainable parameters by part" in log and "[preflight]" in log and "'loss'" in log
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["train_type"] == "lora" and saved["max_steps"] == 5
+    # the saved arguments are a valid --config for the next run
+    parse_args((ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments),
+               ["--config", str(out / "args.json"), "--output_dir", str(tmp_path / "again")])

@@ -118,12 +118,11 @@ def test_sft_packing_end_to_end_logs_tokens_per_step(tmp_path, tiny_path, monkey
 def test_liger_without_package_is_one_line_exit_2(tmp_path, tiny_path, capsys, monkeypatch):
     import importlib.util
 
-    from vltune.recipes.sft import main
+    from vltune.cli import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "liger_kernel" else real(n, *a))
-    with pytest.raises(SystemExit) as e:
-        main(["--model", tiny_path("qwen2_vl"), "--use_liger_kernel", "true", "--output_dir", str(tmp_path)])
-    assert e.value.code == 2
+    assert main(["sft", "--model", tiny_path("qwen2_vl"), "--use_liger_kernel", "true",
+                 "--output_dir", str(tmp_path)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vltune sft:")]
     assert len(err) == 1 and "--use_liger_kernel" in err[0] and "pip install liger-kernel" in err[0]

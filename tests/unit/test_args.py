@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from vltune.errors import UsageError
 
 GROUPS = (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments)
 
@@ -39,7 +38,7 @@ def test_seed_spellings_are_accepted(tmp_path):
 def test_unknown_config_key_is_an_error(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"lora_rnak": 8}))
-    with pytest.raises(SystemExit, match="lora_rnak"):
+    with pytest.raises(UsageError, match="lora_rnak"):
         parse_args(GROUPS, ["--config", str(cfg)])
 
 
@@ -49,35 +48,6 @@ def test_precision_follows_the_hardware(tmp_path):
     _, _, _, args = parse_args(GROUPS, ["--output_dir", str(tmp_path)])
     if not torch.cuda.is_available():
         assert not args.bf16 and not args.fp16 and args.use_cpu
-
-
-def test_sft_runs_offline_with_defaults_and_writes_everything(tmp_path):
-    """`vltune sft --train_type lora --max_steps 5` as a user types it: tiny model + demo data."""
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "vltune", "sft", "--train_type", "lora", "--max_steps", "5",
-                           "--output_dir", str(out), "--save_steps", "5", "--logging_steps", "1"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("adapter_model.safetensors", "adapter_config.json", "args.json", "train.log", "loss.png",
-                 "trainer_state.json", "data_report.json", "README.md", "checkpoint-5", "chat_template.jinja"):
-        assert (out / name).exists(), name
-    assert list((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard events by default"
-    log = (out / "train.log").read_text()
-    assert "trainable parameters by part" in log and "[preflight]" in log and "'loss'" in log
-    saved = json.loads((out / "args.json").read_text())
-    assert saved["train_type"] == "lora" and saved["max_steps"] == 5
-    # the saved arguments are a valid --config for the next run
-    parse_args(GROUPS, ["--config", str(out / "args.json"), "--output_dir", str(tmp_path / "again")])
-
-
-def test_help_lists_commands_and_arguments():
-    out = subprocess.run([sys.executable, "-m", "vltune", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "sft" in out.stdout and "demo" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "vltune", "sft", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0
-    for flag in ("--train_type", "--lora_rank", "--freeze_vit", "--max_pixels", "--loss_scale", "--strict",
-                 "--resume_from_checkpoint", "--gradient_checkpointing"):
-        assert flag in out.stdout
 
 
 @pytest.mark.parametrize("name", ["gui_agent_global_lora.yaml", "gui_agent_global_full.yaml", "quickstart_lora.json"])
@@ -96,15 +66,6 @@ def test_personalize_example_config_parses(tmp_path):
     model, tuner, data, args, p = parse_args((*GROUPS, PersonalizeArguments),
                                              ["--config", str(path), "--base", "g", "--output_dir", str(tmp_path)])
     assert tuner.train_type == "lora" and data.users == "1-10" and p.base == "g" and args.save_strategy == "no"
-
-
-def test_eval_and_personalize_help():
-    for argv in (["eval", "--help"], ["eval", "grounding", "--help"], ["personalize", "--help"],
-                 ["data", "synth", "gui", "--help"]):
-        out = subprocess.run([sys.executable, "-m", "vltune", *argv], capture_output=True, text=True)
-        assert out.returncode == 0, (argv, out.stderr)
-    out = subprocess.run([sys.executable, "-m", "vltune", "eval", "nope"], capture_output=True, text=True)
-    assert out.returncode == 2 and "grounding" in out.stderr
 
 
 def test_repeated_list_flags_accumulate(tmp_path):
@@ -144,7 +105,7 @@ def test_python_api_values_sit_between_config_file_and_command_line(tmp_path):
     (_, tuner, _, args) = parse_args(GROUPS, ["--config", str(cfg), "--learning_rate", "0.25"],
                                      values={"lora_r": 16, "learning_rate": 0.125})
     assert tuner.lora_rank == 16 and args.learning_rate == 0.25
-    with pytest.raises(SystemExit, match="unknown argument name"):
+    with pytest.raises(UsageError, match="unknown argument name"):
         parse_args(GROUPS, [], values={"no_such_flag": 1})
 
 

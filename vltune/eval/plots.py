@@ -14,12 +14,28 @@ def _plt():
     return plt
 
 
-def plot_loss_curve(log_history: list[dict], path: str | Path, title: str = "training loss") -> str | None:
-    """Training (and eval, if logged) loss against step from Trainer's log_history."""
+def _loss_series(log_history: list[dict]) -> tuple[list, list]:
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    return train, evals
+
+
+def loss_plot_title(log_history: list[dict]) -> str:
+    """What the loss plot shows, named after what was logged (a short run may log eval loss only)."""
+    train, evals = _loss_series(log_history)
+    if train and evals:
+        return "train and eval loss"
+    if train:
+        return "train loss"
+    return "eval loss\n(no train loss logged: the run had fewer steps than --logging_steps)"
+
+
+def plot_loss_curve(log_history: list[dict], path: str | Path, title: str | None = None) -> str | None:
+    """Train (and eval, if logged) loss against step from Trainer's log_history; the title says which."""
+    train, evals = _loss_series(log_history)
     if not train and not evals:
         return None
+    title = title or loss_plot_title(log_history)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if train:

@@ -17,6 +17,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import UsageError
 from .config import ModelArguments
 from .load import base_of_adapter
 
@@ -47,7 +48,7 @@ def zero_shot_model_of(base: str) -> str:
         return base_of_adapter(base)
     args_file = Path(base) / "args.json"
     if not args_file.is_file():
-        raise SystemExit(f"--zero_shot auto: {base} has no args.json (not a vltune sft output); give the "
+        raise UsageError(f"--zero_shot auto: {base} has no args.json (not a vltune sft output); give the "
                          f"pre-trained model's path or hub id instead")
     args = json.loads(args_file.read_text())
     return args.get("model") or tiny_model_path(args.get("model_family", "qwen3_vl"), args.get("tiny_size", "s"))
@@ -61,7 +62,7 @@ def find_user_adapters(directory: str | Path) -> dict[int, Path]:
     found = {int(m.group(1)): p for p in sorted(root.iterdir()) if p.is_dir() and (m := USER_DIR.match(p.name))
              and (p / "adapter_config.json").is_file()} if root.is_dir() else {}
     if not found:
-        raise SystemExit(f"--per_user_adapters {directory}: no user_<id>/adapter_config.json found there "
+        raise UsageError(f"--per_user_adapters {directory}: no user_<id>/adapter_config.json found there "
                          f"(give the --output_dir of `vltune personalize`)")
     return found
 

@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..errors import UsageError
 from .config import ModelArguments
 from .load import load_model, load_processor, resolve_model_path, set_pixel_bounds
 
@@ -23,7 +24,7 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 def check_adapter_dir(adapters: str) -> Path:
     path = Path(adapters).expanduser()
     if not (path / "adapter_config.json").is_file():
-        raise SystemExit(f"--adapters {adapters}: no adapter_config.json there; give the --output_dir of a "
+        raise UsageError(f"--adapters {adapters}: no adapter_config.json there; give the --output_dir of a "
                          f"`vltune sft --train_type lora|qlora` run (or one of its checkpoint-N folders)")
     return path
 

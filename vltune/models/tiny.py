@@ -12,17 +12,23 @@ Cache: `$VLTUNE_CACHE` or `~/.cache/vltune/tiny/<family>-<size>-v<version>`.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import sys
+import time
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger("vltune")
 
 TINY_VERSION = 4  # bump when a builder changes, so stale caches are not reused
 TINY_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "idefics3")
 # xs: unit tests (~0.3 M params, random weights). s: the demo (~2.5 M params) with a *pretrained vision tower*
 # (see `pretrain_vision`); its language model stays random, so everything it answers is learned by SFT.
 TINY_SIZES = ("xs", "s")
+PRETRAIN_STEPS = 300  # vision-tower pretraining steps of the `s` model (see pretrain_vision)
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -54,7 +60,13 @@ def tiny_model_path(family: str = "qwen3_vl", size: str = "xs") -> str:
         # Build beside the cache entry and rename it into place, so concurrent builders (parallel
         # test workers, two demos) never see a half-written model; the first rename wins.
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        what = "random weights" if size == "xs" else "pretraining its vision tower, a minute or more on a CPU"
+        logger.info("[model] building the embedded tiny %s-%s model (first use only: %s) into %s",
+                    family, size, what, path)
+        start = time.perf_counter()
         build_tiny_model(family, size, tmp)
+        logger.info("[model] built the tiny %s-%s model in %.0f s (cached for later runs)", family, size,
+                    time.perf_counter() - start)
         try:
             tmp.rename(path)
         except OSError:
@@ -135,7 +147,7 @@ def build_tiny_model(family: str, size: str, out_dir: str | os.PathLike) -> str:
     else:
         model, processor = _build_qwen(family, size)
     if size == "s":
-        pretrain_vision(model, processor)
+        pretrain_vision(model, processor, steps=PRETRAIN_STEPS)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
@@ -309,7 +321,11 @@ def pretrain_vision(model, processor, steps: int = 300, batch_size: int = 32, se
     opt = torch.optim.AdamW(vision + list(head.parameters()), lr=3e-3)
     model.train()
     acc = 0.0
-    for step in range(steps):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc="[model] pretraining the tiny vision tower", unit="step", file=sys.stderr,
+               mininterval=1.0)
+    for _ in bar:
         images, targets = [], []
         for _ in range(batch_size):
             img, elements = render_board(rng, grid, cell, rng.randint(1, 4), tint=rng.random() < 0.5)
@@ -325,6 +341,8 @@ def pretrain_vision(model, processor, steps: int = 300, batch_size: int = 32, se
         loss.backward()
         opt.step()
         acc = float((logits.argmax(-1) == target).float().mean())
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}", refresh=False)
+    bar.close()
     model.eval()
     for p in model.parameters():
         p.grad = None

@@ -62,22 +62,19 @@ class DataCheckArguments:
 
 def check(argv: list[str]) -> int:
     from ..data.check import check_data, default_num_proc
-    from ..data.errors import DataError
     from ..models.load import load_processor, resolve_model_path
 
     model_args, args = parse_args((ModelArguments, DataCheckArguments), argv, prog="vltune data check",
                                   description=__doc__)
     if not args.dataset:
-        raise SystemExit("vltune data check: give the data to check with --dataset FILE (several allowed)")
+        raise UsageError("vltune data check: give the data to check with --dataset FILE (several allowed)")
     path = resolve_model_path(model_args)
     processor = load_processor(path, model_args.max_pixels, model_args.min_pixels, model_args.trust_remote_code)
-    try:
-        summary = check_data(args.dataset, processor, args.max_length, args.loss_scale, args.users,
-                             args.allow_pickle, args.verify_images, args.num_samples,
-                             args.num_proc or default_num_proc(), args.max_examples)
-    except DataError as e:  # the data set itself cannot be read (missing path, pickles without opt-in, ...)
-        print(f"vltune data check: {e}", file=sys.stderr)
-        return 1
+    # A data set that cannot be read at all (missing path, pickles without opt-in, ...) is a DataError, i.e. a
+    # UsageError: one line and status 2. Status 1 means the data was read and has problems.
+    summary = check_data(args.dataset, processor, args.max_length, args.loss_scale, args.users,
+                         args.allow_pickle, args.verify_images, args.num_samples,
+                         args.num_proc or default_num_proc(), args.max_examples)
     tokens = f", up to {max(summary.lengths)} tokens per sample" if summary.lengths else ""
     print(f"checked {summary.total} sample(s) from {len(summary.files)} data set(s) in {summary.seconds:.1f} s "
           f"(model {path}, --max_length {args.max_length}{tokens}): {summary.ok} ok, "
@@ -158,7 +155,7 @@ def _size(text: str, flag: str) -> tuple[int, int]:
         a, b = (int(v) for v in text.lower().split("x"))
         return a, b
     except ValueError:
-        raise SystemExit(f"vltune data synth gui: {flag} takes WxH, e.g. 512x512 (got {text!r})") from None
+        raise UsageError(f"vltune data synth gui: {flag} takes WxH, e.g. 512x512 (got {text!r})") from None
 
 
 def synth(argv: list[str]) -> int:
@@ -178,7 +175,7 @@ def synth(argv: list[str]) -> int:
     (args,) = parse_args((SynthGUIArguments,), argv[1:], prog="vltune data synth gui", description=__doc__)
     if args.preset:
         if args.preset not in SYNTH_PRESETS:
-            raise SystemExit(f"vltune data synth gui: unknown --preset {args.preset!r}; choose {', '.join(SYNTH_PRESETS)}")
+            raise UsageError(f"vltune data synth gui: unknown --preset {args.preset!r}; choose {', '.join(SYNTH_PRESETS)}")
         given = {a.split("=")[0].lstrip("-") for a in argv[1:] if a.startswith("--")}
         given |= {"num_users"} if "users" in given else set()  # the old spelling counts as given too
         for k, v in SYNTH_PRESETS[args.preset].items():
@@ -187,7 +184,7 @@ def synth(argv: list[str]) -> int:
     test = parse_users(args.test_users) or set()
     train = sorted(set(range(1, args.num_users + 1)) - test)
     if not train or not test or max(test) > args.num_users:
-        raise SystemExit(f"vltune data synth gui: --test_users {args.test_users} must be a non-empty subset of "
+        raise UsageError(f"vltune data synth gui: --test_users {args.test_users} must be a non-empty subset of "
                          f"1..{args.num_users} that leaves training users")
     family = FAMILIES[args.model_family]
     processor = None
@@ -219,16 +216,14 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in SUBCOMMANDS:
-        if argv and argv[0] not in ("-h", "--help", "help"):
-            print(f"vltune data: unknown sub-command {argv[0]!r}", file=sys.stderr)
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "help"):
+        raise UsageError(f"vltune data: unknown sub-command {argv[0]!r}; choose one of: {', '.join(SUBCOMMANDS)}")
+    if not argv or argv[0] not in SUBCOMMANDS:
         print("usage: vltune data <sub-command> [--help] [arguments]\n\nsub-commands:")
         for name, (_, text) in SUBCOMMANDS.items():
             print(f"  {name:<8} {text}")
-        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help", "help") else 2)
+        return 0
     setup_logging()
-    status = SUBCOMMANDS[argv[0]][0](argv[1:])
-    if status:
-        raise SystemExit(status)
+    return SUBCOMMANDS[argv[0]][0](argv[1:]) or 0

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from ..args import ModelArguments, parse_args
 from ..console import setup_logging
+from ..errors import UsageError
 
 logger = logging.getLogger("vltune")
 
@@ -80,7 +81,7 @@ def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments)
 
     setup_logging()
     if not args.dataset:
-        raise SystemExit("vltune eval grounding: give the evaluation data with --dataset FILE")
+        raise UsageError("vltune eval grounding: give the evaluation data with --dataset FILE")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples, errors = read_dataset(args.dataset, users=args.users, allow_pickle=args.allow_pickle)
@@ -96,7 +97,7 @@ def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments)
             logger.warning("[data] skipped: %s", e)
     samples = usable
     if not samples:
-        raise SystemExit(f"vltune eval grounding: no sample with a grounding target in {args.dataset}")
+        raise UsageError(f"vltune eval grounding: no sample with a grounding target in {args.dataset}")
 
     t0 = time.time()
     global_model, processor, described = load_global(model_args, _global_spec(model_args, args))

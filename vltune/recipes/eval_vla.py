@@ -191,6 +191,9 @@ def run_eval(a: VLAEvalArguments) -> dict:
     from ..vla.policy import Policy
 
     setup_logging()
+    if not a.policy_server and not (Path(a.policy) / "policy_config.json").is_file():
+        raise UsageError(f"--policy {a.policy}: no policy_config.json there; give the --output_dir of a `vltune vla` "
+                         f"run (or one of its checkpoint-N folders), or --policy_server URL of a running server")
     out = Path(a.output_dir or (Path(a.policy) / "eval" if not a.policy_server else "output/eval_server"))
     out.mkdir(parents=True, exist_ok=True)
     client = None

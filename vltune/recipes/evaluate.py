@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import sys
+
+from ..errors import UsageError
 
 TASKS = {
     "grounding": ("vltune.recipes.eval_grounding", "click accuracy of a model (+ adapters) on a grounding data set"),
@@ -19,6 +20,5 @@ def main(argv: list[str]) -> None:
         return
     task, rest = argv[0], argv[1:]
     if task not in TASKS:
-        print(f"vltune eval: unknown task {task!r}; choose one of: {', '.join(TASKS)}", file=sys.stderr)
-        raise SystemExit(2)
+        raise UsageError(f"vltune eval: unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     importlib.import_module(TASKS[task][0]).main(rest)

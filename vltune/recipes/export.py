@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..args import ModelArguments, parse_args
 from ..console import setup_logging
+from ..errors import UsageError
 
 logger = logging.getLogger("vltune")
 
@@ -107,6 +108,34 @@ def write_video_processor_config(out: Path, processor) -> None:
     logger.info("[export] wrote %s (%s) for AutoProcessor", target.name, config["video_processor_type"])
 
 
+_IMAGE_ONLY_NOTE = (" (trust_remote_code loads processing_image_only.py, an image-only processor that needs no "
+                    "torchvision; with torchvision installed, `AutoProcessor.from_pretrained` without it loads "
+                    "transformers' own processor)")
+
+
+def ship_image_only_processor(out: Path, processor) -> None:
+    """Where vltune saved an image-only processor (no torchvision here), copy its one-file definition
+    (vltune/models/processing_image_only.py, which imports only transformers) into the export and name it in
+    processor_config.json's `auto_map`: `AutoProcessor.from_pretrained(out, trust_remote_code=True)` then loads
+    the export here, without vltune or torchvision. Without `trust_remote_code`, transformers keeps loading its
+    own full processor (the `processor_class`), as it does wherever torchvision is installed."""
+    import shutil
+
+    from ..models import processing_image_only
+    from ..models.processors import IMAGE_ONLY_PROCESSORS
+
+    if type(processor) not in IMAGE_ONLY_PROCESSORS.values():
+        return
+    module = Path(processing_image_only.__file__)
+    shutil.copyfile(module, out / module.name)
+    config_path = out / "processor_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config.setdefault("auto_map", {})["AutoProcessor"] = f"{module.stem}.{type(processor).__name__}"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    logger.info("[export] no torchvision here: %s ships %s (AutoProcessor.from_pretrained(..., "
+                "trust_remote_code=True) loads it without torchvision)", out, module.name)
+
+
 def _checkpoint_dtype(path: str, trust_remote_code: bool) -> str:
     from transformers import AutoConfig
 
@@ -119,7 +148,7 @@ def merge_lora(model_args: ModelArguments, args: ExportArguments) -> Path:
     from ..models.load import resolve_model_path
 
     if not args.adapters:
-        raise SystemExit("vltune export --merge_lora: give the adapter to merge with --adapters DIR")
+        raise UsageError("vltune export --merge_lora: give the adapter to merge with --adapters DIR")
     check_adapter_dir(args.adapters)
     if model_args.torch_dtype == "auto":  # keep the base's precision: a bf16 8B model stays 16 GB, not 32
         model_args.model = resolve_model_path(model_args)  # resolved (and logged) once
@@ -132,10 +161,13 @@ def merge_lora(model_args: ModelArguments, args: ExportArguments) -> Path:
     processor.save_pretrained(out)
     standardize_processor_class(out)
     write_video_processor_config(out, processor)
+    ship_image_only_processor(out, processor)
     (out / "README.md").write_text(
         f"# Merged by vltune export\n\n- base model: `{base}`\n- LoRA adapter: `{args.adapters}`\n"
         f"- dtype: {model_args.torch_dtype}\n\nLoad with `AutoModelForImageTextToText.from_pretrained('{out}')` "
-        f"and `AutoProcessor.from_pretrained('{out}')`.\n", encoding="utf-8")
+        f"and `AutoProcessor.from_pretrained('{out}'"
+        f"{', trust_remote_code=True' if (out / 'processing_image_only.py').exists() else ''})`"
+        f"{_IMAGE_ONLY_NOTE if (out / 'processing_image_only.py').exists() else ''}.\n", encoding="utf-8")
     logger.info("[export] merged %s into %s -> %s", args.adapters, base, out)
     return out
 
@@ -149,7 +181,7 @@ def _peft_key(key: str, adapter_name: str) -> str:
 def _adapter_name(keys) -> str:
     names = {m.group(1) for k in keys if (m := re.search(r"\.lora_(?:A|B|embedding_A|embedding_B)\.([^.]+)", k))}
     if len(names) != 1:
-        raise SystemExit(f"vltune export: expected the LoRA tensors of one adapter in the checkpoint, "
+        raise UsageError(f"vltune export: expected the LoRA tensors of one adapter in the checkpoint, "
                          f"found adapters {sorted(names)}")
     return names.pop()
 
@@ -192,14 +224,14 @@ def deepspeed_to_fp32(args: ExportArguments) -> Path:
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
     except ImportError as e:
-        raise SystemExit(f"vltune export --deepspeed_to_fp32 needs DeepSpeed: pip install 'vltune[deepspeed]' ({e})")
+        raise UsageError(f"vltune export --deepspeed_to_fp32 needs DeepSpeed: pip install 'vltune[deepspeed]' ({e})")
     import torch
     from safetensors.torch import save_file
 
     ckpt = Path(args.deepspeed_to_fp32).expanduser()
     tag = args.tag or ((ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else None)
     if tag is None or not (ckpt / tag).is_dir():
-        raise SystemExit(f"vltune export --deepspeed_to_fp32 {ckpt}: no ZeRO checkpoint there (expected a `latest` "
+        raise UsageError(f"vltune export --deepspeed_to_fp32 {ckpt}: no ZeRO checkpoint there (expected a `latest` "
                          f"file naming a global_stepN/ folder); point at a checkpoint-N folder of a --deepspeed run "
                          f"or pass --tag")
     out = Path(args.output_dir)
@@ -228,9 +260,9 @@ def main(argv: list[str] | None = None) -> Path:
     model_args, args = parse_args((ModelArguments, ExportArguments), argv, prog="vltune export", description=__doc__)
     setup_logging()
     if not args.output_dir:
-        raise SystemExit("vltune export: give --output_dir")
+        raise UsageError("vltune export: give --output_dir")
     if args.merge_lora == bool(args.deepspeed_to_fp32):
-        raise SystemExit("vltune export: choose one of --merge_lora (with --adapters) or --deepspeed_to_fp32 CKPT_DIR")
+        raise UsageError("vltune export: choose one of --merge_lora (with --adapters) or --deepspeed_to_fp32 CKPT_DIR")
     if args.deepspeed_to_fp32:
         return deepspeed_to_fp32(args)
     return merge_lora(model_args, args)

@@ -156,7 +156,8 @@ def _write_outputs(out: Path, trainer, run_log: GRPORunLog, metrics: dict, repor
         f"Load with `{load_hint(base, out, tuner.train_type)}`; the processor is saved beside.\n",
         f"args.json, train.log, final_results.json, training_stats.json (per-step reward, KL, tied groups), "
         f"{', '.join(Path(p).name for p in pngs)}, completions.jsonl (with --log_completions), runs/ (TensorBoard), "
-        f"checkpoint-N/ (each with training_stats.json)")
+        f"checkpoint-N/ (each with training_stats.json)",
+        command="grpo", library="peft" if tuner.train_type in ("lora", "qlora") else "transformers", base_model=base)
     return final
 
 

@@ -29,6 +29,7 @@ before it is answered).
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..args import ModelArguments, parse_args
 from ..console import setup_logging
+from ..errors import UsageError
 
 logger = logging.getLogger("vltune")
 
@@ -85,7 +87,7 @@ def generation_kwargs(args: InferArguments) -> dict:
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "num_beams": args.num_beams}
     sampling = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k") if getattr(args, k) is not None}
     if sampling and not args.do_sample:
-        raise SystemExit(f"vltune infer: {', '.join('--' + k for k in sampling)} only apply with --do_sample true "
+        raise UsageError(f"vltune infer: {', '.join('--' + k for k in sampling)} only apply with --do_sample true "
                          f"(decoding is greedy by default)")
     return {**kwargs, **sampling}
 
@@ -99,7 +101,11 @@ def prompt_sample(args: InferArguments):
     if n_tags == 0:
         text = IMAGE_TAG * len(args.image) + text
     elif n_tags != len(args.image):
-        raise SystemExit(f"vltune infer: --prompt has {n_tags} <image> tag(s) but {len(args.image)} --image given")
+        raise UsageError(f"vltune infer: --prompt has {n_tags} <image> tag(s) but {len(args.image)} --image given")
+    for image in args.image:  # before the model loads, not after
+        remote = str(image).startswith(("http://", "https://", "data:"))
+        if not remote and not os.path.isfile(os.path.expanduser(image)):
+            raise UsageError(f"vltune infer: --image {image}: no such file")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": text})
     return normalize_row({"messages": messages, "images": list(args.image)}, where="--prompt")
@@ -158,9 +164,9 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
     from ..models.inference import load_for_inference
 
     if bool(args.prompt) == bool(args.dataset):
-        raise SystemExit("vltune infer: give either --prompt (with --image) for one answer, or --dataset for a batch")
+        raise UsageError("vltune infer: give either --prompt (with --image) for one answer, or --dataset for a batch")
     if args.image and not args.prompt:
-        raise SystemExit("vltune infer: --image needs --prompt")
+        raise UsageError("vltune infer: --image needs --prompt")
     gen = generation_kwargs(args)
     set_seed(args.seed)
     if args.prompt:
@@ -171,7 +177,7 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
         for e in errors:
             logger.warning("[data] skipped unreadable record: %s", e)
     if args.user is not None and not args.per_user_adapters:
-        raise SystemExit("vltune infer: --user picks an adapter of --per_user_adapters; give that too")
+        raise UsageError("vltune infer: --user picks an adapter of --per_user_adapters; give that too")
     if args.per_user_adapters:
         from ..generation import iter_answers_per_user
         from ..models.adapters import UserAdapters, load_global
@@ -207,11 +213,11 @@ def run_infer(model_args: ModelArguments, args: InferArguments) -> list[dict]:
             record["adapter"] = adapter
             records.append(record)
             bar.update()
-            if error is not None:
+            if error is not None and not args.prompt:  # one bad row of a batch: say so and go on
                 logger.warning("[infer] %s: %s", sample.where, error)
             if args.prompt:
                 if error is not None:
-                    raise SystemExit(f"vltune infer: {error}")
+                    raise UsageError(f"vltune infer: {error}")
                 print(answer)
             else:
                 print(json.dumps(record, ensure_ascii=False), file=out or sys.stdout, flush=True)

@@ -29,6 +29,7 @@ import torch
 
 from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
 from ..console import setup_logging
+from ..errors import UsageError
 
 logger = logging.getLogger("vltune")
 
@@ -56,10 +57,10 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
 
     setup_logging()
     if tuner.train_type not in ("lora",):
-        raise SystemExit("vltune personalize trains one LoRA adapter per user: use --train_type lora "
+        raise UsageError("vltune personalize trains one LoRA adapter per user: use --train_type lora "
                          "(full or qlora copies of the model per user are what this command avoids)")
     if not data.dataset:
-        raise SystemExit("vltune personalize: give the users' data with --dataset (JSONL with a `user` column, "
+        raise UsageError("vltune personalize: give the users' data with --dataset (JSONL with a `user` column, "
                          "or a per-user pickle dir with --allow_pickle true)")
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,7 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
         logger.warning("[data] no adapter for user(s) %s: fewer than %d sample(s) (--min_user_samples)",
                        [u for u in missing if u in by_user], p.min_user_samples)
     if not users:
-        raise SystemExit(f"vltune personalize: no user of --users {data.users} has samples in {data.dataset}")
+        raise UsageError(f"vltune personalize: no user of --users {data.users} has samples in {data.dataset}")
 
     t0 = time.time()
     model, processor, described = load_global(model_args, p.base)

@@ -21,6 +21,7 @@ import sys
 
 from ..args import ModelArguments, parse_args
 from ..console import setup_logging
+from ..errors import UsageError
 from ..serve.options import LOOPBACK, ServeArguments
 
 logger = logging.getLogger("vltune")
@@ -33,8 +34,8 @@ def _serve_policy(argv: list[str]):
     except ModuleNotFoundError as e:
         if e.name != "vltune.recipes.serve_policy":
             raise
-        print("vltune serve policy: the robot-policy server is not part of this vltune installation", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise UsageError("vltune serve policy: the robot-policy server is not part of this vltune installation") \
+            from None
     return module.main(argv)
 
 
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None):
     try:
         service = load_service(model_args, opts)
     except ValueError as e:
-        print(f"vltune serve: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise UsageError(f"vltune serve: {e}") from None
     if opts.host not in LOOPBACK and not service.keys.enabled:
         logger.warning("[serve] listening on %s without --api_key / --api_keys: anyone who can reach this "
                        "address can use every adapter", opts.host)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..args import parse_args
 from ..console import setup_logging
+from ..errors import UsageError
 from ..hardware import torch_threads
 
 logger = logging.getLogger("vltune")
@@ -52,8 +52,7 @@ class PolicyServeArguments:
 
 
 def _fail(message: str) -> None:
-    print(f"vltune serve policy: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise UsageError(f"vltune serve policy: {message}")
 
 
 def build(a: PolicyServeArguments):

@@ -307,7 +307,8 @@ def _write_outputs(out: Path, trainer, metrics: dict, config: PolicyConfig, sour
         "```\n\n",
         "policy_config.json, normalization.json, policy.safetensors, args.json, train.log, "
         f"metrics.csv, train_results.json, runs/ (TensorBoard){', loss.png' if png else ''}"
-        f"{', best_checkpoints.json + checkpoint-N/ (best k on validation loss)' if best.exists() else ''}")
+        f"{', best_checkpoints.json + checkpoint-N/ (best k on validation loss)' if best.exists() else ''}",
+        command="vla", library="vltune", base_model=config.backbone)
 
 
 def main(argv: list[str] | None = None) -> VLAResult:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -42,15 +43,12 @@ def open_run(output_dir: str, arg_groups: tuple, seed: int, wandb_project: str |
 
 def load_base(model_args, processor=None):
     """(model path, processor, family): --model or the embedded tiny model; `processor` is reused when given."""
-    from transformers import AutoConfig
-
-    from ..models.families import family_for_model_type
-    from ..models.load import load_processor, resolve_model_path
+    from ..models.load import load_processor, model_family, resolve_model_path
 
     path = resolve_model_path(model_args)
     if processor is None:
         processor = load_processor(path, model_args.max_pixels, model_args.min_pixels, model_args.trust_remote_code)
-    family = family_for_model_type(AutoConfig.from_pretrained(path).model_type)
+    family = model_family(path, model_args.trust_remote_code)  # a LoRA global model (personalize): its base's
     logger.info("[model] %s (family %s, coordinates %s)", path, family.name, family.coords)
     return path, processor, family
 
@@ -87,8 +85,15 @@ def load_hint(base: str, out: Path, train_type: str) -> str:
     return f"AutoModelForImageTextToText.from_pretrained('{out}')"
 
 
-def write_model_card(out: Path, title: str, facts: list[str], usage: str, files: str) -> None:
-    """README.md of an output directory: a title, facts as a list, how to load it, and what each file holds."""
+def write_model_card(out: Path, title: str, facts: list[str], usage: str, files: str, *, command: str,
+                     library: str = "transformers", base_model: str | None = None) -> None:
+    """README.md of an output directory: the Hub's metadata block (library, base model, tags), a title, facts as
+    a list, how to load it, and what each file holds. The metadata block matters beyond the Hub: PEFT re-reads
+    README.md when it saves into the same directory and warns ("Repo card metadata block was not found")
+    without one."""
+    meta = [f"library_name: {library}"] + ([f"base_model: {json.dumps(base_model)}"] if base_model else []) \
+        + ["tags:", "- vltune", f"- vltune-{command}"]
     body = "".join(f"- {f}\n" for f in facts)
-    (out / "README.md").write_text(f"# {title}\n\n{body}\n{usage}\nFiles: {files}.\n")
+    (out / "README.md").write_text("---\n" + "\n".join(meta) + f"\n---\n\n# {title}\n\n{body}\n{usage}\n"
+                                   f"Files: {files}.\n")
     logger.info("[done] saved to %s", out)

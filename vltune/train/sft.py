@@ -7,8 +7,6 @@ gradient-flow preflight -> HF Trainer -> save adapter/weights, processor, logs a
 
 from __future__ import annotations
 
-from ..arg_checks import check_users_have_data
-
 import json
 import logging
 from dataclasses import dataclass
@@ -16,15 +14,17 @@ from pathlib import Path
 
 import torch
 
+from ..arg_checks import check_users_have_data
 from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments
 from ..data.dataset import DataReport, SFTCollator, SFTDataset, validate_samples
 from ..data.errors import DataError
 from ..data.formats import read_dataset
 from ..data.splits import split_holdout
-from .debug import attach_debug_callback
-from .memory import MemoryLogCallback
+from ..errors import UsageError
 from ..models.load import load_model
 from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
+from .debug import attach_debug_callback
+from .memory import MemoryLogCallback
 from .run import load_base, load_hint, log_preflight, open_run, resolve_resume, write_model_card
 
 logger = logging.getLogger("vltune")
@@ -142,7 +142,6 @@ def build_collation(train_ds: SFTDataset, data: DataArguments, args: SFTTraining
 def check_gpu_options(model_args: ModelArguments, args: SFTTrainingArguments) -> None:
     """One line and exit status 2 when a GPU option's package is missing (instead of a traceback later)."""
     import importlib.util
-    import sys
 
     needs = []
     if args.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
@@ -151,8 +150,7 @@ def check_gpu_options(model_args: ModelArguments, args: SFTTrainingArguments) ->
         needs.append("--attn_impl flash_attention_2 needs the flash-attn package (pip install flash-attn; CUDA "
                      "GPUs), or use --attn_impl sdpa (packing works with it too)")
     if needs:
-        print(f"vltune sft: {'; '.join(needs)}", file=sys.stderr)
-        raise SystemExit(2)
+        raise UsageError(f"vltune sft: {'; '.join(needs)}")
 
 
 # ---------------------------------------------------------------------------- run
@@ -221,4 +219,5 @@ def _write_outputs(out: Path, trainer, metrics: dict, report: DataReport, model_
          f"samples skipped: {metrics.get('samples_skipped')} (see data_report.json)"],
         f"Load with `{load_hint(base, out, tuner.train_type)}`; the processor is saved beside.\n",
         "args.json (resolved arguments), train.log, data_report.json, train_results.json"
-        f"{', loss.png' if png else ''}, runs/ (TensorBoard), checkpoint-N/")
+        f"{', loss.png' if png else ''}, runs/ (TensorBoard), checkpoint-N/",
+        command="sft", library="peft" if tuner.train_type in ("lora", "qlora") else "transformers", base_model=base)

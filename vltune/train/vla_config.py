@@ -36,6 +36,7 @@ class VLATunerArguments(TunerArguments):
 @dataclass
 class PolicyArguments:
     action_head: str = field(default="lstm", metadata={
+        "choices": ["lstm", "mlp", "gpt", "LSTMDecoder", "FCDecoder", "GPTDecoder"],
         "help": "Action head: lstm (RoboVLMs' default, recurrent over the window), mlp (per frame, cheapest), "
                 "gpt (causal transformer over the window). RoboVLMs names LSTMDecoder/FCDecoder/GPTDecoder work."})
     head_hidden: int = field(default=256, metadata={"help": "Hidden size of the action head."})
