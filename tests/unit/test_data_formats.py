@@ -142,3 +142,58 @@ def test_image_corrupt_past_its_header_is_skipped_at_load_time(tmp_path, process
     item = ds[0]
     assert item["sample"].where.endswith(":2")
     assert len(ds.runtime_skips) == 1 and f"{path}:1" in ds.runtime_skips[0]
+
+
+def test_rows_that_used_to_crash_the_reader_are_counted_invalid_samples(tmp_path):
+    """Messages that are strings, a bare list of numbers, a loss_scale that is not a number: one counted
+    'invalid sample' each naming the line (they raised AttributeError / ValueError and stopped the run)."""
+    write_image(tmp_path / "a.png")
+    bad_scale = _row()
+    bad_scale["messages"][1]["loss_scale"] = "high"
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": ["<image>hi", "click(1, 2)"], "images": ["a.png"]},
+                                              [1, 2], {"messages": "hello"}, bad_scale, _row()])
+    samples, errors = read_dataset(path)
+    assert [s.where for s in samples] == [f"{path}:5"]
+    assert [(e.where, e.kind) for e in errors] == [(f"{path}:{n}", "invalid sample") for n in (1, 2, 3, 4)]
+    assert "loss_scale 'high' is not a number" in errors[3].message
+
+
+def test_bomb_header_and_a_shape_the_processor_refuses_are_counted_not_fatal(tmp_path, processor_for):
+    from vltune.data.synthetic_faults import png_bomb_header
+
+    good = write_image(tmp_path / "a.png")
+    (tmp_path / "bomb.png").write_bytes(png_bomb_header(open(good, "rb").read()))
+    Image.new("RGB", (4000, 16)).save(tmp_path / "strip.png")  # aspect ratio 250: Qwen-VL's resize refuses it
+    path = write_jsonl(tmp_path / "d.jsonl", [_row("bomb.png"), _row("strip.png"), _row("strip.png"), _row()])
+    samples, _ = read_dataset(path)
+    kept, _, report = validate_samples(samples, processor_for("qwen3_vl"), max_length=256)
+    assert [s.where for s in kept] == [f"{path}:4"]
+    assert report.counts == {"unreadable image": 1, "image refused by processor": 2}
+    assert "decompression bomb" in report.problems["unreadable image"][0]
+
+
+def test_a_sample_failing_at_load_time_is_counted_once_also_from_dataloader_workers(tmp_path):
+    """The preflight batch and every epoch meet the same bad sample again, and with
+    --dataloader_num_workers it fails in a worker process: still one skip, read back by the main process."""
+    import torch
+
+    from vltune.data.synthetic_faults import png_pixels_corrupt
+
+    good = write_image(tmp_path / "good.png", size=(64, 64))
+    (tmp_path / "bad.png").write_bytes(png_pixels_corrupt(open(good, "rb").read()))
+    path = write_jsonl(tmp_path / "d.jsonl", [_row("good.png"), _row("bad.png"), _row("good.png")])
+    samples, _ = read_dataset(path)
+    (tmp_path / "run").mkdir()
+    ds = SFTDataset(samples)
+    ds.record_skips_to(tmp_path / "run")
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, collate_fn=lambda b: b)
+    for _ in range(2):  # two epochs, each in a new worker process; the bad sample is replaced by the next
+        assert [f["sample"].where for batch in loader for f in batch] == [f"{path}:{n}" for n in (1, 3, 3)]
+    assert [(e.where, e.kind) for e in ds.load_skips()] == [(f"{path}:2", "unreadable image")]
+    ds[1]  # met again in this process (the preflight batch)
+    assert len(ds.load_skips()) == 1 and len(ds.runtime_skips) == 1
+    resumed = SFTDataset(samples)
+    resumed.record_skips_to(tmp_path / "run", fresh=False)  # a resumed run keeps what was counted before it
+    assert len(resumed.load_skips()) == 1
+    SFTDataset(samples).record_skips_to(tmp_path / "run", fresh=True)
+    assert not list((tmp_path / "run").glob("skipped_at_load*"))

@@ -9,7 +9,9 @@ grounding box / point must lie inside its image (ms-swift `objects.bbox`, pixels
 by default or `bbox_type: norm1`, and vltune's `target.box` / `target.point`, pixels).
 
 Only the processor is needed (to count tokens); model weights are never loaded.
-Image sizes come from the file headers.
+Image sizes come from the file headers; with verify_images (the default) every image is also decoded in
+full, so an image that is corrupt only past its header is reported here, where training finds it only
+when it reaches the sample (it then skips and counts it: data_report.json's "skipped_at_load").
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .dataset import DataReport, validate_samples
+from .dataset import IMAGE_REFUSED, DataReport, validate_samples
 from .errors import DataError
 from .formats import Sample, read_dataset
 from .images import image_size
@@ -37,6 +39,8 @@ BOX_MALFORMED = "malformed box"
 FIXES = {
     "missing image": "fix the path (relative paths resolve against the data file's folder)",
     "unreadable image": "re-export the image or drop the sample",
+    IMAGE_REFUSED: "crop or pad the image to a shape the model's processor takes (Qwen-VL: aspect ratio under "
+                   "200), or drop the sample",
     "image/tag mismatch": "put one <image> tag in the text per entry of 'images', in order",
     "empty assistant turn": "write the answer or drop the turn",
     "no trainable tokens": "give the sample an assistant answer that is trained (not \"loss\": false; with "
@@ -155,8 +159,11 @@ def _check_range(bounds: tuple[int, int]) -> tuple[DataReport, list[tuple[str, s
     samples = _JOB["samples"][start:end]
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull if _JOB["quiet"] else sys.stderr):
         # in workers: no progress bars, several would overwrite each other on one terminal line
+        # verify_images decodes every image in full: an image whose header reads but whose pixels do not
+        # decode passes training's check before the first step and is only skipped when training reaches it.
         kept, lengths, report = validate_samples(samples, _JOB["processor"], _JOB["max_length"], _JOB["loss_scale"],
-                                                 verify_images=_JOB["verify_images"], desc="checking data")
+                                                 verify_images=_JOB["verify_images"], desc="checking data",
+                                                 decode_images=_JOB["verify_images"])
     box_errors = []
     for s in kept:
         try:
@@ -187,7 +194,8 @@ def check_data(specs: list[str], processor, max_length: int | None = 2048, loss_
     Args:
         specs: data files / directories, as `--dataset` takes them.
         processor: the model's processor (chat template + token counts); no model weights are needed.
-        verify_images: read each image file through (catches truncated files), not only its header.
+        verify_images: decode each image in full (catches truncated and corrupt files, also those whose
+            header reads, which training skips only when it reaches them), not only its header.
         num_proc: worker processes (fork) for large sets; 1 = in this process.
     """
     t0 = time.perf_counter()

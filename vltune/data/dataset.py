@@ -11,9 +11,11 @@ sample is dropped (and counted) instead.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -39,24 +41,48 @@ class LengthEstimator:
     def __init__(self, processor):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self._extra_tokens: dict[tuple[int, int], int] = {}
+        self._extra_tokens: dict[tuple[int, int], int | DataError] = {}  # a size the processor refuses: its error
 
     def image_tokens(self, size: tuple[int, int]) -> int:
         if size not in self._extra_tokens:
             token = getattr(self.processor, "image_token", "<image>")
             bare = len(self.tokenizer(token, add_special_tokens=False)["input_ids"])
-            out = self.processor(text=[token], images=[Image.new("RGB", size)], add_special_tokens=False)
-            self._extra_tokens[size] = len(out["input_ids"][0]) - bare
-        return self._extra_tokens[size]
+            try:
+                out = self.processor(text=[token], images=[Image.new("RGB", size)], add_special_tokens=False)
+            except ValueError as e:
+                # e.g. Qwen-VL's resize refuses an aspect ratio over 200 (a long scroll capture): the sample's
+                # problem, counted like the others, not a traceback that stops the whole data check or run.
+                self._extra_tokens[size] = DataError(
+                    f"the processor refuses a {size[0]}x{size[1]} px image: {e}", kind=IMAGE_REFUSED)
+            else:
+                self._extra_tokens[size] = len(out["input_ids"][0]) - bare
+        found = self._extra_tokens[size]
+        if isinstance(found, DataError):
+            raise found
+        return found
 
     def length(self, text: str, sizes: list[tuple[int, int]]) -> int:
         n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return n + sum(self.image_tokens(s) for s in sizes)
 
 
+IMAGE_REFUSED = "image refused by processor"
+
+
+def image_error(err: DataError, where: str) -> DataError:
+    """An image's DataError as the sample's problem: located at `where`, of kind "missing image" or
+    "unreadable image" (the same kinds before training, at load time and in `vltune data check`)."""
+    kind = "missing image" if "not found" in err.message else "unreadable image"
+    return DataError(err.message, where, kind)
+
+
 def check_sample(sample: Sample, processor, estimator: LengthEstimator, max_length: int | None,
-                 loss_scale: str = "default", verify_images: bool = True) -> int:
-    """Raise DataError if `sample` cannot be trained on; return its token length."""
+                 loss_scale: str = "default", verify_images: bool = True, decode_images: bool = False) -> int:
+    """Raise DataError if `sample` cannot be trained on; return its token length.
+
+    verify_images: Pillow's integrity check of each file (cheap; see `image_size`); decode_images: decode
+    each image in full too (what `vltune data check` does; training leaves it to load time, where a
+    sample whose pixels do not decode is skipped and counted, instead of decoding every image twice)."""
     n_tags = sample.num_image_parts
     if n_tags != len(sample.images):
         raise DataError(f"{n_tags} <image> tag(s) but {len(sample.images)} image(s)", sample.where, "image/tag mismatch")
@@ -72,10 +98,9 @@ def check_sample(sample: Sample, processor, estimator: LengthEstimator, max_leng
     sizes = []
     for ref in sample.images:
         try:
-            sizes.append(image_size(ref, verify=verify_images))
+            sizes.append(image_size(ref, verify=verify_images, decode=decode_images))
         except DataError as e:
-            kind = "missing image" if "not found" in e.message else "unreadable image"
-            raise DataError(e.message, sample.where, kind) from None
+            raise image_error(e, sample.where) from None
     length = estimator.length(rendered.text, sizes)
     if max_length and length > max_length:
         raise SampleTooLong(f"{length} tokens > max_length {max_length} (dropped, never truncated)", sample.where)
@@ -84,17 +109,31 @@ def check_sample(sample: Sample, processor, estimator: LengthEstimator, max_leng
 
 @dataclass
 class DataReport:
-    """Counts of skipped samples by kind, with the first few locations of each."""
+    """Counts of skipped samples by kind, with the first few locations of each.
+
+    `counts` covers every skipped sample: those found before training and those whose image failed to
+    decode when training reached them (`add_load_skips`); `at_load` counts the latter alone."""
 
     total: int = 0
     kept: int = 0
     problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     counts: Counter = field(default_factory=Counter)
+    at_load: Counter = field(default_factory=Counter)
+    load_skips: list[DataError] = field(default_factory=list)
 
     def add(self, err: DataError) -> None:
         self.counts[err.kind] += 1
         if len(self.problems[err.kind]) < 5:
             self.problems[err.kind].append(str(err))
+
+    def add_load_skips(self, errors: list[DataError]) -> None:
+        """Count the samples skipped at load time (each once, however often training met it): they were
+        kept by the check before training, so they move from `kept` to the skipped."""
+        for err in errors:
+            self.add(err)
+            self.at_load[err.kind] += 1
+            self.load_skips.append(err)
+        self.kept -= len(errors)
 
     @property
     def skipped(self) -> int:
@@ -103,7 +142,8 @@ class DataReport:
     def lines(self) -> list[str]:
         out = []
         for kind, n in self.counts.most_common():
-            out.append(f"{kind}: {n} sample(s), e.g.")
+            late = f" ({self.at_load[kind]} of them at load time)" if self.at_load[kind] else ""
+            out.append(f"{kind}: {n} sample(s){late}, e.g.")
             out.extend(f"    {loc}" for loc in self.problems[kind])
         return out
 
@@ -115,14 +155,25 @@ class DataReport:
                          f"above), first: {first}; fix them, or drop --strict to skip and count them")
 
     def log(self, name: str = "train") -> None:
-        logger.info("[data] %s: %d samples read, %d kept, %d skipped", name, self.total, self.kept, self.skipped)
+        late = f" ({sum(self.at_load.values())} of them at load time)" if self.at_load else ""
+        logger.info("[data] %s: %d samples read, %d kept, %d skipped%s", name, self.total, self.kept, self.skipped,
+                    late)
         for line in self.lines():
             logger.warning("[data]   %s", line)
+
+    def to_dict(self) -> dict:
+        """data_report.json: total = kept + skipped; every load-time skip is listed (they passed the check
+        before training, so `vltune data check --verify_images false` would not find them)."""
+        return {"total": self.total, "kept": self.kept, "skipped": dict(self.counts),
+                "skipped_at_load": dict(self.at_load),
+                "examples": {k: v for k, v in self.problems.items()},
+                "at_load": [{"where": e.where, "kind": e.kind, "message": e.message} for e in self.load_skips]}
 
 
 def validate_samples(samples: list[Sample], processor, max_length: int | None, loss_scale: str = "default",
                      read_errors: list[DataError] | None = None, verify_images: bool = True,
-                     desc: str = "checking data") -> tuple[list[Sample], list[int], DataReport]:
+                     desc: str = "checking data", decode_images: bool = False
+                     ) -> tuple[list[Sample], list[int], DataReport]:
     """Check every sample; return the usable ones, their lengths, and a report of the rest."""
     report = DataReport(total=len(samples) + len(read_errors or []))
     for err in read_errors or []:
@@ -131,7 +182,8 @@ def validate_samples(samples: list[Sample], processor, max_length: int | None, l
     kept, lengths = [], []
     for s in tqdm(samples, desc=desc, disable=len(samples) < 2000, leave=False):
         try:
-            lengths.append(check_sample(s, processor, estimator, max_length, loss_scale, verify_images))
+            lengths.append(check_sample(s, processor, estimator, max_length, loss_scale, verify_images,
+                                        decode_images))
             kept.append(s)
         except DataError as e:
             report.add(e if e.where else e.at(s.where))
@@ -143,12 +195,21 @@ def validate_samples(samples: list[Sample], processor, max_length: int | None, l
 class SFTDataset(torch.utils.data.Dataset):
     """Validated samples; `__getitem__` decodes the images. A sample whose image
     fails to decode at this point (corruption past the header) is skipped with a
-    warning and replaced by the next one, so a run never dies mid-way on data."""
+    warning and replaced by the next one, so a run never dies mid-way on data.
+
+    Each such sample is counted once (`load_skips`), however often it is met (the
+    preflight batch, every epoch). `__getitem__` runs in DataLoader worker processes
+    when --dataloader_num_workers > 0, and in every rank of a multi-process run, whose
+    own counts never reach the main process: with `record_skips_to`, each skip is
+    also appended to a file that `load_skips` reads back."""
+
+    SKIP_LOG = "skipped_at_load"
 
     def __init__(self, samples: list[Sample], lengths: list[int] | None = None):
         self.samples = samples
         self.lengths = lengths
-        self.runtime_skips: list[str] = []
+        self._skipped: dict[str, DataError] = {}  # where -> error, met in this process
+        self._skip_log: Path | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -159,10 +220,45 @@ class SFTDataset(torch.utils.data.Dataset):
             try:
                 return {"sample": sample, "images": [load_image(r) for r in sample.images]}
             except DataError as e:
-                msg = str(e.at(sample.where))
-                self.runtime_skips.append(msg)
-                logger.warning("[data] skipping sample at load time: %s", msg)
+                self._skip(image_error(e, sample.where))
         raise DataError("no sample of the data set could be loaded")
+
+    def record_skips_to(self, folder: str | Path, rank: int = 0, fresh: bool = True) -> None:
+        """Append every load-time skip to `folder`/skipped_at_load[.rankN].jsonl; `fresh` (a run that does not
+        resume) empties this rank's file first, a resumed run keeps counting the samples skipped before."""
+        name = f"{self.SKIP_LOG}.jsonl" if rank == 0 else f"{self.SKIP_LOG}.rank{rank}.jsonl"
+        self._skip_log = Path(folder) / name
+        if fresh and self._skip_log.exists():
+            self._skip_log.unlink()
+
+    def _skip(self, err: DataError) -> None:
+        if err.where in self._skipped:
+            return
+        self._skipped[err.where] = err
+        logger.warning("[data] skipping sample at load time: %s", err)
+        if self._skip_log is not None:
+            # One short line per write on an O_APPEND file: workers and ranks appending at once do not interleave.
+            with open(self._skip_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"where": err.where, "kind": err.kind, "message": err.message}) + "\n")
+
+    def load_skips(self) -> list[DataError]:
+        """Every sample skipped at load time so far, once each, from this process and (with
+        `record_skips_to`) from its DataLoader workers and the other ranks."""
+        found = dict(self._skipped)
+        if self._skip_log is not None:
+            for path in sorted(self._skip_log.parent.glob(f"{self.SKIP_LOG}*.jsonl")):
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a kill mid-write
+                        continue
+                    found.setdefault(rec["where"], DataError(rec["message"], rec["where"], rec["kind"]))
+        return list(found.values())
+
+    @property
+    def runtime_skips(self) -> list[str]:
+        """The load-time skips as 'where: message' lines."""
+        return [str(e) for e in self.load_skips()]
 
 
 class SFTCollator:

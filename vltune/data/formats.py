@@ -124,13 +124,20 @@ def normalize_row(row: dict, base_dir: str | None = None, where: str = "?") -> S
         row = {"messages": row}
     if not isinstance(row, dict):
         raise DataError(f"expected an object per sample, got {type(row).__name__}", where)
-    if "messages" in row:
-        raw_messages = [(m.get("role"), m.get("content"), m) for m in (row["messages"] or [])]
-    elif "conversations" in row:
-        raw_messages = [(m.get("from", m.get("role")), m.get("value", m.get("content")), m)
-                        for m in (row["conversations"] or [])]
-    else:
+    key = "messages" if "messages" in row else "conversations" if "conversations" in row else None
+    if key is None:
         raise DataError("no 'messages' or 'conversations' field", where)
+    turns = row[key] or []
+    # A hand-edited file holds e.g. a list of strings here: a one-line DataError, not an AttributeError mid-read.
+    if not isinstance(turns, (list, tuple)):
+        raise DataError(f"'{key}' is a {type(turns).__name__}, expected a list of messages", where)
+    for i, m in enumerate(turns):
+        if not isinstance(m, dict):
+            raise DataError(f"{key}[{i}] is a {type(m).__name__}, expected an object with a role and content", where)
+    if key == "messages":
+        raw_messages = [(m.get("role"), m.get("content"), m) for m in turns]
+    else:
+        raw_messages = [(m.get("from", m.get("role")), m.get("value", m.get("content")), m) for m in turns]
     images = [_resolve_ref(r, base_dir) for r in _as_list(row.get("images", row.get("image")))]
     inline_images = []
     messages = []
@@ -166,7 +173,10 @@ def normalize_row(row: dict, base_dir: str | None = None, where: str = "?") -> S
             raise DataError(f"message {i}: content of type {type(content).__name__}", where)
         loss = original.get("loss")
         if loss is None and "loss_scale" in original:
-            loss = float(original["loss_scale"]) > 0
+            try:
+                loss = float(original["loss_scale"]) > 0
+            except (TypeError, ValueError):
+                raise DataError(f"message {i}: loss_scale {original['loss_scale']!r} is not a number", where) from None
         # Qwen-VL templates only accept a system message first (seeds/04 turns later ones into user turns).
         if role == "system" and messages:
             role = "user"

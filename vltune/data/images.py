@@ -50,6 +50,11 @@ def _open(ref: Any) -> Image.Image:
     return Image.open(ref)
 
 
+# What Pillow raises for a file it cannot read. DecompressionBombError (a header declaring more than twice
+# Image.MAX_IMAGE_PIXELS) is not an OSError: without it here, one such file stopped a run with a traceback.
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def load_image(ref: Any) -> Image.Image:
     """Fully decode an image reference to an RGB PIL image (raises DataError)."""
     try:
@@ -58,19 +63,23 @@ def load_image(ref: Any) -> Image.Image:
         return img.convert("RGB") if img.mode != "RGB" else img
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except _UNREADABLE as e:
         raise DataError(f"corrupt or unreadable image {describe_ref(ref)}: {e}") from None
 
 
-def image_size(ref: Any, verify: bool = True) -> tuple[int, int]:
-    """(width, height) from the header, without decoding pixels; `verify` checks file integrity."""
+def image_size(ref: Any, verify: bool = True, decode: bool = False) -> tuple[int, int]:
+    """(width, height) from the header. `verify` also checks the file's integrity as Pillow's `verify` does
+    (PNG chunk checksums; it decodes nothing, so a JPEG cut short or PNG pixel data that does not inflate
+    passes); `decode` decodes the pixels in full too, which finds those (as training would meet them)."""
     try:
         img = _open(ref)
         size = img.size
         if verify and not isinstance(ref, Image.Image):
             img.verify()
+        if decode and not isinstance(ref, Image.Image):
+            _open(ref).load()  # verify() leaves the image unusable: decode a fresh one
         return size
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except _UNREADABLE as e:
         raise DataError(f"corrupt or unreadable image {describe_ref(ref)}: {e}") from None

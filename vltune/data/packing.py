@@ -89,6 +89,9 @@ class PackedDataset(torch.utils.data.Dataset):
     def runtime_skips(self) -> list[str]:
         return self.dataset.runtime_skips
 
+    def load_skips(self):
+        return self.dataset.load_skips()
+
     def __len__(self) -> int:
         return len(self.packs)
 

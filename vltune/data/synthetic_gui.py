@@ -112,7 +112,9 @@ def render_screen(rng: random.Random, apps: list[str], width: int, height: int, 
         draw_shape(draw, glyph, box, COLORS[color])
         tw = draw.textlength(app, font=font)
         draw.text((cx - tw / 2, box[3] + 2), app, fill=(70, 70, 70), font=font)
-        boxes[app] = [box[0], box[1], box[2], box[3] + 2 + label_px]  # the tappable area: icon + label
+        # the tappable area: icon + label, inside the screen (on small screens the minimum label size
+        # pushed a bottom-row label past the edge, a box `vltune data check` rightly calls outside the image)
+        boxes[app] = [max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3] + 2 + label_px)]
     return img, boxes
 
 

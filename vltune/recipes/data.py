@@ -45,8 +45,9 @@ class DataCheckArguments:
         "help": "default | last_round, as in `vltune sft`: decides whether a sample has anything to train."})
     num_samples: int | None = field(default=None, metadata={"help": "Check only the first N samples."})
     verify_images: bool = field(default=True, metadata={
-        "help": "Read every image file through to catch truncated files (false: headers only, faster on large "
-                "screenshots, but a file cut short is found only when training reaches it)."})
+        "help": "Decode every image in full to catch truncated and corrupt files, also those whose header reads "
+                "(false: headers only, faster on large screenshots, but such a file is found only when training "
+                "reaches it, which then skips and counts it)."})
     num_proc: int | None = field(default=None, metadata={
         "help": "Worker processes (default: the available cores, at most 8; 1 below ~1000 samples)."})
     per_device_train_batch_size: int = field(default=8, metadata={

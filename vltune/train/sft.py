@@ -24,6 +24,7 @@ from ..errors import UsageError
 from ..models.load import load_model
 from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
 from .debug import attach_debug_callback
+from .memory import MemoryLogCallback
 from .run import load_base, load_hint, log_preflight, open_run, resolve_resume, write_model_card
 from .survive import WithSampleIds, survivable
 from .survive import train as train_surviving
@@ -166,6 +167,10 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
         path, processor, family = load_base(model_args, processor)
         check_gpu_options(model_args, args)
         train_ds, eval_ds, report = build_datasets(data, processor, args.seed, str(out), family.coords, samples)
+        samples_ds = train_ds  # the SFTDataset under any packing: it counts the samples skipped at load time
+        # a resumed run keeps the skips counted before it (the values vltune.resume reads as "start fresh")
+        fresh = args.resume_from_checkpoint in (None, "", False, "false", "False")
+        samples_ds.record_skips_to(out, args.process_index, fresh=fresh)
         model = build_model(model_args, tuner, args, path, model)
         train_ds, collator = build_collation(train_ds, data, args, processor, model)
 
@@ -181,17 +186,19 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
             args.eval_strategy = args.save_strategy
             args.eval_steps = args.eval_steps or args.save_steps
         trainer = survivable(Trainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=WithSampleIds(collator), processing_class=processor,
-                                          callbacks=callbacks)
+                                      data_collator=WithSampleIds(collator), processing_class=processor,
+                                      callbacks=[*(callbacks or []), MemoryLogCallback()])
         attach_debug_callback(trainer)  # per-rank dump when $VLTUNE_DEBUG_DIST_DIR is set (vltune/train/debug.py)
         result = train_surviving(trainer, resolve_resume(args.resume_from_checkpoint, args.output_dir), args)
         metrics = dict(result.metrics)
         if eval_ds is not None:
             metrics.update(trainer.evaluate())
-        if train_ds.runtime_skips:
-            logger.warning("[data] %d sample(s) skipped at load time, e.g. %s", len(train_ds.runtime_skips),
-                           train_ds.runtime_skips[0])
-        metrics["samples_skipped"] = report.skipped + len(train_ds.runtime_skips)
+        # Every rank and DataLoader worker has finished its last batch once train() returns (each step ends in
+        # an all-reduce), so the skip files hold every load-time skip of the run.
+        report.add_load_skips(samples_ds.load_skips())
+        if report.at_load:
+            report.log("train (final, with the samples skipped at load time)")
+        metrics["samples_skipped"] = report.skipped
 
         trainer.save_model(str(out))
         if trainer.is_world_process_zero():
@@ -204,9 +211,7 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
 def _write_outputs(out: Path, trainer, metrics: dict, report: DataReport, model_args, tuner, base: str) -> None:
     from ..eval.plots import plot_loss_curve
 
-    (out / "data_report.json").write_text(json.dumps(
-        {"total": report.total, "kept": report.kept, "skipped": dict(report.counts),
-         "examples": {k: v for k, v in report.problems.items()}}, indent=2))
+    (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     (out / "train_results.json").write_text(json.dumps(metrics, indent=2, default=str))
     png = plot_loss_curve(trainer.state.log_history, out / "loss.png")
     write_model_card(
