@@ -15,6 +15,11 @@ logger = logging.getLogger("vltune")
 RUN_SPECIFIC = ("resume_from_checkpoint", "logging_dir", "local_rank", "overwrite_output_dir")
 
 
+def wants_resume(value) -> bool:
+    """Whether a --resume_from_checkpoint value asks to resume (unset / false: start fresh)."""
+    return value not in (None, "", False, "false", "False")
+
+
 def resume_checkpoint(value, output_dir: str) -> str | None:
     """The checkpoint directory to resume from (None: start fresh). `true` = the newest COMPLETE checkpoint-N
     in `output_dir` (vltune.checkpoints: its marker was written last); an incomplete one (a run killed while
@@ -22,7 +27,7 @@ def resume_checkpoint(value, output_dir: str) -> str | None:
     incomplete checkpoint is a UsageError."""
     from .checkpoints import MARKER, is_complete, list_checkpoints
 
-    if value in (None, "", False, "false", "False"):
+    if not wants_resume(value):
         return None
     if value in (True, "true", "True"):
         ckpts = list_checkpoints(output_dir)

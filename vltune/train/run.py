@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from ..args import dump_config
+from ..checkpoints import list_checkpoints, unmark
 from ..console import TeeLog, is_main_process, setup_logging
+from ..resume import wants_resume
 
 logger = logging.getLogger("vltune")
 
@@ -33,10 +35,6 @@ RUN_FILES = ("trainer_state.json", "train_results.json")
 RUN_LEFTOVERS = ("args.json", "train.log", "completions.jsonl", "metrics.csv", "best_checkpoints.json", "runs")
 
 
-def _resuming(value) -> bool:
-    return value not in (None, "", False, "false", "False")
-
-
 def claim_output_dir(out: Path, resume, overwrite: bool, extra: tuple = ()) -> None:
     """A new run never trains into a directory that holds a previous one: it would append to its train.log and
     overwrite its checkpoint-N one by one, and `--resume_from_checkpoint true` would later mix the two. Resuming
@@ -44,11 +42,11 @@ def claim_output_dir(out: Path, resume, overwrite: bool, extra: tuple = ()) -> N
     main process only (the others would see the files it has just written)."""
     import shutil
 
-    if not is_main_process() or not out.is_dir() or _resuming(resume):
+    if not is_main_process() or not out.is_dir() or wants_resume(resume):
         return
     names = RUN_FILES + extra
-    found = sorted(p.name for p in out.iterdir() if p.name in names or
-                   (p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit()))
+    checkpoints = [Path(c.path) for c in list_checkpoints(out)]
+    found = sorted([p.name for p in out.iterdir() if p.name in names] + [c.name for c in checkpoints])
     if not found:
         return
     if not overwrite:
@@ -58,15 +56,12 @@ def claim_output_dir(out: Path, resume, overwrite: bool, extra: tuple = ()) -> N
         raise UsageError(f"--output_dir {out} holds a previous run ({shown}): continue it with "
                          f"--resume_from_checkpoint true, replace it with --overwrite_output_dir true, or give a "
                          f"new --output_dir")
-    from ..checkpoints import unmark
-
-    for p in out.iterdir():
-        if p.name in names + RUN_LEFTOVERS or (p.is_dir() and p.name.startswith("checkpoint-")):
-            if p.is_dir():
-                unmark(str(p))
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+    for p in [*(p for p in out.iterdir() if p.name in names + RUN_LEFTOVERS), *checkpoints]:
+        if p.is_dir():
+            unmark(str(p))
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     logger.warning("[run] --overwrite_output_dir: deleted the previous run in %s (%s)", out, ", ".join(found))
 
 

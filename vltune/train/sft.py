@@ -23,6 +23,7 @@ from ..data.splits import split_holdout
 from ..errors import UsageError
 from ..models.load import load_model
 from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
+from ..resume import wants_resume
 from .debug import attach_debug_callback
 from .memory import MemoryLogCallback
 from .run import load_base, load_hint, log_preflight, open_run, resolve_resume, write_model_card
@@ -168,9 +169,8 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
         check_gpu_options(model_args, args)
         train_ds, eval_ds, report = build_datasets(data, processor, args.seed, str(out), family.coords, samples)
         samples_ds = train_ds  # the SFTDataset under any packing: it counts the samples skipped at load time
-        # a resumed run keeps the skips counted before it (the values vltune.resume reads as "start fresh")
-        fresh = args.resume_from_checkpoint in (None, "", False, "false", "False")
-        samples_ds.record_skips_to(out, args.process_index, fresh=fresh)
+        # a resumed run keeps the skips counted before it
+        samples_ds.record_skips_to(out, args.process_index, fresh=not wants_resume(args.resume_from_checkpoint))
         model = build_model(model_args, tuner, args, path, model)
         train_ds, collator = build_collation(train_ds, data, args, processor, model)
 
