@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import threading

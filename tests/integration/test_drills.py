@@ -24,6 +24,7 @@ from vltune.checkpoints import MARKER, list_checkpoints
 pytestmark = pytest.mark.drills
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
+STEP_SLEEP = 0.3  # seconds added to each optimizer step of the run that is killed (see _kill)
 
 
 def _env(extra=None):
@@ -76,8 +77,12 @@ def _descendants(pid: int) -> list[int]:
 
 def _kill(argv, out: Path, nproc: int, at_step: int | None, during_save: bool, save_steps: int) -> dict:
     """Start the run, SIGKILL it (its own pid; under torchrun, the workers' pids first, then torchrun's) at `at_step`
-    logged steps, or while a checkpoint is half-written; returns what was done."""
-    env = _env({"VLTUNE_DRILL_SAVE_SLEEP": "8"} if during_save else None)
+    logged steps, or while a checkpoint is half-written; returns what was done.
+
+    The killed run's optimizer steps each take STEP_SLEEP longer (VLTUNE_DRILL_STEP_SLEEP, slept before the
+    optimizer step, so it changes no number): on a fast or crowded machine a tiny model's steps are quicker than
+    this loop's polling, and the kill would land after the last step."""
+    env = _env({"VLTUNE_DRILL_SAVE_SLEEP": "8"} if during_save else {"VLTUNE_DRILL_STEP_SLEEP": str(STEP_SLEEP)})
     proc = subprocess.Popen(_cmd(argv, nproc), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     t0, torn = time.time(), None
     try:
@@ -145,6 +150,7 @@ def drill(name: str, command: list[str], tmp_path: Path, weights: str, nproc: in
     if os.environ.get("VLTUNE_DRILL_REPORT"):
         with open(os.environ["VLTUNE_DRILL_REPORT"], "a") as f:
             f.write(json.dumps(record) + "\n")
+    assert done["killed_after_step"] < steps, f"the kill landed after the last step: nothing was drilled {record}"
     assert resumed_from >= save_steps, record  # a complete checkpoint was there to resume from
     assert not missing, (missing, record)
     assert diffs and max(diffs) <= TOL, record

@@ -161,7 +161,6 @@ def test_wrong_length_and_non_numbers_are_rejected(plugin_file):
 # ---------------------------------------------------------------------------- seeds/05: SD3 + CLIP
 @needs_diffusers
 def test_clip_sd3_reward_batches_saves_images_and_stays_frozen(tmp_path, monkeypatch):
-    from vltune.rewards import clip_sd3
 
     args = SimpleNamespace(sd_steps=2, sd_image_size=32, sd_guidance_scale=1.0, sd_batch_size=3,
                            save_reward_images_steps=2)

@@ -88,18 +88,16 @@ class SurvivingTrainer:
     nonfinite: str = "stop"  # stop | skip (set by the recipe from --nonfinite)
     max_nonfinite_steps: int = 0
     nonfinite_steps: int = 0
-    _step_ids: list | None = None
-    _step_bad: str | None = None
+    _step_ids: dict | None = None  # this optimizer step's sample ids, in order (a dict: ordered, O(1) dedup)
+    _step_losses: list | None = None  # its micro-batches' losses, still on the device
 
     # ------------------------------------------------------------------ non-finite losses
     def training_step(self, model, inputs, *args, **kwargs):
-        ids = _sample_ids(inputs)
         if self._step_ids is None:
-            self._step_ids = []
-        self._step_ids.extend(i for i in ids if i not in self._step_ids)
+            self._step_ids, self._step_losses = {}, []
+        self._step_ids.update(dict.fromkeys(_sample_ids(inputs)))
         loss = super().training_step(model, inputs, *args, **kwargs)
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self._step_bad = self._step_bad or f"loss ({float(loss.detach().float().mean())})"
+        self._step_losses.append(loss.detach())  # read once per optimizer step, in _get_grad_norm: no sync here
         return loss
 
     def prediction_step(self, model, inputs, *args, **kwargs):
@@ -110,10 +108,18 @@ class SurvivingTrainer:
         """Called once per optimizer step, after clipping and before optimizer.step(): where a non-finite step is
         caught before it reaches the weights."""
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        bad = self._step_bad
+        drill = float(os.environ.get("VLTUNE_DRILL_STEP_SLEEP", "0") or 0)
+        if drill:  # the kill drills: steps slow enough for the drill to kill inside one, however fast the machine
+            time.sleep(drill)
+        bad = None
+        losses = [x.float().reshape(-1) for x in self._step_losses or []]
+        if losses:
+            flat = torch.cat(losses)
+            if not bool(torch.isfinite(flat).all()):
+                bad = f"loss ({float(flat[~torch.isfinite(flat)][0])})"
         if bad is None and norm is not None and not math.isfinite(float(norm)):
             bad = f"gradient norm ({float(norm)})"
-        ids, self._step_ids, self._step_bad = self._step_ids or [], [], None
+        ids, self._step_ids, self._step_losses = list(self._step_ids or {}), {}, []
         if not any_rank(bad is not None, self.args.device):
             return norm
         ids = gather_lists(ids)
