@@ -12,7 +12,9 @@ cost does not depend on them) plus a 4-dim state. Modes:
 - ws: the websocket, msgpack, `mode: step`;
 - async: `PolicyClient(chunk_threshold=0.5)`: chunks fetched in the background, one action per `step`.
 Per mode and robot count: p50/p95/p99 latency of one step as the robot sees it, actions/s per robot and in
-total, errors. Prints one markdown table.
+total, errors, and for the request modes the network path's own cost: per request, the round trip minus the
+`model_ms` the server reports for the policy call that answered it (the overhead over in-process, measured on
+the same request, so it does not drift with the machine between modes). Prints one markdown table.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ def observation(rng, cfg_info: dict, size: int) -> dict:
     return obs
 
 
-def summary(ms: list[float], wall: float, robots: int, errors: int) -> dict:
+def summary(ms: list[float], wall: float, robots: int, errors: int, overhead: list[float] | None = None) -> dict:
     a = np.asarray(ms)
     return {"p50": np.percentile(a, 50), "p95": np.percentile(a, 95), "p99": np.percentile(a, 99),
-            "per_robot": len(a) / robots / wall, "total": len(a) / wall, "steps": len(a), "errors": errors}
+            "per_robot": len(a) / robots / wall, "total": len(a) / wall, "steps": len(a), "errors": errors,
+            "overhead_p50": float(np.percentile(overhead, 50)) if overhead else None,
+            "overhead_p95": float(np.percentile(overhead, 95)) if overhead else None}
 
 
 def run_inproc(policy_dir: str, robots: int, steps: int, size: int) -> dict:
@@ -75,7 +79,7 @@ def run_inproc(policy_dir: str, robots: int, steps: int, size: int) -> dict:
 
 
 def robot_loop(mode: str, url: str, info: dict, steps: int, size: int, seed: int, out: list, errs: list,
-               barrier: threading.Barrier) -> None:
+               barrier: threading.Barrier, over: list) -> None:
     import requests
 
     from vltune.vla.client import PolicyClient
@@ -83,7 +87,7 @@ def robot_loop(mode: str, url: str, info: dict, steps: int, size: int, seed: int
 
     rng = np.random.default_rng(seed)
     obs = observation(rng, info, size)
-    ms, errors = [], 0
+    ms, errors, overhead = [], 0, []
     if mode == "async":
         client = PolicyClient(url, chunk_threshold=0.5, encoding="msgpack")
         client.reset()
@@ -111,10 +115,13 @@ def robot_loop(mode: str, url: str, info: dict, steps: int, size: int, seed: int
                 t = time.perf_counter()
                 ws.send(body)
                 reply = msgpack_loads(ws.recv())
+                took = (time.perf_counter() - t) * 1000
                 if "actions" not in reply:
                     errors += 1
                 if i >= 5:
-                    ms.append((time.perf_counter() - t) * 1000)
+                    ms.append(took)
+                    if "model_ms" in reply:
+                        overhead.append(took - reply["model_ms"])
     else:
         http = requests.Session()
         sid = http.post(url + "/reset", json={}).json()["session_id"]
@@ -122,29 +129,36 @@ def robot_loop(mode: str, url: str, info: dict, steps: int, size: int, seed: int
         for i in range(steps + 5):
             if i == 5:
                 barrier.wait()
-            t = time.perf_counter()
+            t, model_ms = time.perf_counter(), None
             try:  # encode per step: it is part of what each encoding costs
                 if mode == "json":
                     r = http.post(url + "/act", data=json_dumps(payload), headers={"Content-Type": "application/json"})
                     ok = r.status_code == 200 and json_loads(r.content).shape[0] == 1
+                    model_ms = float(r.headers.get("X-Model-Ms", "nan"))
                 else:
                     p = payload if mode == "msgpack" else {
                         **payload, **{c: image_bytes(obs[c], "png") for c in info["cameras"]}}
                     r = http.post(url + "/act", data=msgpack_dumps(p), headers={"Content-Type": MSGPACK})
-                    ok = r.status_code == 200 and msgpack_loads(r.content)["actions"].shape[0] == 1
+                    reply = msgpack_loads(r.content)
+                    ok = r.status_code == 200 and reply["actions"].shape[0] == 1
+                    model_ms = reply.get("model_ms")
             except Exception:
                 ok = False
+            took = (time.perf_counter() - t) * 1000
             errors += not ok
             if i >= 5:
-                ms.append((time.perf_counter() - t) * 1000)
+                ms.append(took)
+                if ok and model_ms is not None and model_ms == model_ms:
+                    overhead.append(took - model_ms)
     out.extend(ms)
     errs.append(errors)
+    over.extend(overhead)
 
 
 def run_remote(mode: str, url: str, info: dict, robots: int, steps: int, size: int) -> dict:
-    out, errs = [], []
+    out, errs, over = [], [], []
     barrier = threading.Barrier(robots + 1)
-    threads = [threading.Thread(target=robot_loop, args=(mode, url, info, steps, size, i, out, errs, barrier))
+    threads = [threading.Thread(target=robot_loop, args=(mode, url, info, steps, size, i, out, errs, barrier, over))
                for i in range(robots)]
     for th in threads:
         th.start()
@@ -152,7 +166,7 @@ def run_remote(mode: str, url: str, info: dict, robots: int, steps: int, size: i
     t0 = time.perf_counter()
     for th in threads:
         th.join()
-    return summary(out, time.perf_counter() - t0, robots, sum(errs))
+    return summary(out, time.perf_counter() - t0, robots, sum(errs), over)
 
 
 def main() -> None:
@@ -190,17 +204,20 @@ def main() -> None:
                 rows.append((mode, robots, r))
                 print(f"{mode:12s} robots {robots}: p50 {r['p50']:.2f} ms, p95 {r['p95']:.2f}, p99 {r['p99']:.2f}, "
                       f"{r['per_robot']:.1f} actions/s per robot ({r['total']:.1f} total), {r['steps']} steps, "
-                      f"{r['errors']} errors", flush=True)
+                      f"{r['errors']} errors" + (f", overhead over the model p50 {r['overhead_p50']:.2f} ms"
+                                                 if r["overhead_p50"] is not None else ""), flush=True)
         stats = requests.get(url + "/stats").json()
     finally:
         server.terminate()
         server.wait(timeout=30)
     print(f"\nserver batches: {stats['batch_sizes']} (frames per backbone forward: count)")
-    print("\n| mode | robots | p50 ms | p95 ms | p99 ms | actions/s per robot | actions/s total | steps | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| mode | robots | p50 ms | p95 ms | p99 ms | actions/s per robot | actions/s total | steps | errors "
+          "| overhead p50 / p95 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mode, robots, r in rows:
+        over = "-" if r["overhead_p50"] is None else f"{r['overhead_p50']:.2f} / {r['overhead_p95']:.2f}"
         print(f"| {mode} | {robots} | {r['p50']:.2f} | {r['p95']:.2f} | {r['p99']:.2f} | {r['per_robot']:.1f} | "
-              f"{r['total']:.1f} | {r['steps']} | {r['errors']} |")
+              f"{r['total']:.1f} | {r['steps']} | {r['errors']} | {over} |")
 
 
 if __name__ == "__main__":

@@ -270,7 +270,11 @@ def test_api_key_and_png_images(policy_dir, local):
         p = local()
         p.reset()
         p.observe({"static": ep.images["static"][0]}, ep.instruction, ep.state[0])
-        np.testing.assert_allclose(msgpack_loads(r.content)["actions"], p.predict_chunk(), atol=1e-5)
+        reply = msgpack_loads(r.content)
+        np.testing.assert_allclose(reply["actions"], p.predict_chunk(), atol=1e-5)
+        # what a client needs to tell the network path's cost from the policy's (benchmarks/policy_serving.py)
+        assert 0 < reply["model_ms"] <= reply["server_ms"], reply
+        assert float(r.headers["X-Model-Ms"]) == reply["model_ms"] and r.headers["X-Batch-Size"] == "1"
 
 
 def test_websocket_session(served, local):
@@ -287,7 +291,7 @@ def test_websocket_session(served, local):
         for t in range(3):
             ws.send(msgpack_dumps({**obs_at(ep, t), "mode": "chunk"}))
             reply = msgpack_loads(ws.recv())
-            assert reply["session_id"] == sid
+            assert reply["session_id"] == sid and 0 < reply["model_ms"] <= reply["server_ms"]
             chunks.append(reply["actions"])
             ws.send(msgpack_dumps({**obs_at(ep, t), "state": np.zeros(9, np.float32)}))  # bad: the socket stays up
             bad = msgpack_loads(ws.recv())
