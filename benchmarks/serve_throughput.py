@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--max_tokens", type=int, default=16, help="max_tokens of every request")
     p.add_argument("--max_batch_size", type=int, default=16, help="vltune serve --max_batch_size")
     p.add_argument("--max_batch_wait_ms", type=float, default=5.0, help="vltune serve --max_batch_wait_ms")
+    p.add_argument("--regather_wait_ms", type=float, default=50.0, help="vltune serve --regather_wait_ms")
     p.add_argument("--size", default="xs", help="bench model size (xs | s)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every server")
@@ -137,7 +138,8 @@ def server_command(name: str, a, model: str, adapters: Path, port: int, venvs: P
     if name == "vltune":
         return [sys.executable, "-m", "vltune", "serve", "--model", model, "--per_user_adapters", str(adapters),
                 "--port", str(port), "--max_batch_size", str(a.max_batch_size), "--max_batch_wait_ms",
-                str(a.max_batch_wait_ms), "--max_loaded_adapters", str(a.users), "--max_queue_size", "4096",
+                str(a.max_batch_wait_ms), "--regather_wait_ms", str(a.regather_wait_ms), "--max_loaded_adapters",
+                str(a.users), "--max_queue_size", "4096",
                 "--request_timeout", "600", "--device", a.device, "--log_level", "warning"]
     if name == "naive":
         return [sys.executable, str(Path(__file__).resolve()), "--_naive_server",

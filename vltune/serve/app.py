@@ -48,7 +48,7 @@ class Service:
         self.metrics = Metrics()
         self.engine = Engine(pool, processor, convention)
         self.batcher = Batcher(self.engine, self.metrics, opts.max_batch_size, opts.max_batch_wait_ms,
-                               opts.max_queue_size)
+                               opts.max_queue_size, opts.regather_wait_ms)
         self.created = int(time.time())
 
 

@@ -4,6 +4,14 @@ The first waiting request waits at most --max_batch_wait_ms for others; the batc
 --max_batch_size waiting requests with the same decoding settings (any adapters). While a batch runs,
 new requests queue up and form the next one. A full queue refuses new requests (QueueFull -> 429);
 a request whose caller gave up (504) is dropped before it reaches the model.
+
+Regathering (--regather_wait_ms): when a batch has just been answered and fewer requests wait than it had,
+its callers are most likely about to send their next ones (an app's users, an agent loop). Without waiting
+for them, N concurrent clients split into two cohorts that alternate on the model (measured: 16 clients ran
+as batches of 5 and 11), each call paying the whole decode for a part of the rows. So the next batch waits up
+to --regather_wait_ms after the last one was answered, until its rows plus those that were already waiting
+then are waiting again: the cohorts merge into one call. A lone client never waits (one row expected, one
+waiting), nor does the first request after the server was idle.
 """
 
 from __future__ import annotations
@@ -26,11 +34,14 @@ class QueueFull(Exception):
 
 class Batcher:
     def __init__(self, engine, metrics, max_batch_size: int = 16, max_batch_wait_ms: float = 5.0,
-                 max_queue_size: int = 256):
-        if max_batch_size < 1 or max_queue_size < 1 or max_batch_wait_ms < 0:
-            raise ValueError("--max_batch_size and --max_queue_size must be >= 1, --max_batch_wait_ms >= 0")
+                 max_queue_size: int = 256, regather_wait_ms: float = 0.0):
+        if max_batch_size < 1 or max_queue_size < 1 or max_batch_wait_ms < 0 or regather_wait_ms < 0:
+            raise ValueError("--max_batch_size and --max_queue_size must be >= 1, --max_batch_wait_ms and "
+                             "--regather_wait_ms >= 0")
         self.engine, self.metrics = engine, metrics
         self.max_batch_size, self.wait = max_batch_size, max_batch_wait_ms / 1000
+        self.regather = regather_wait_ms / 1000
+        self.expected, self.last_end = 0, 0.0  # rows expected back after the previous batch; when it was answered
         self.max_queue_size = max_queue_size
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
@@ -79,7 +90,10 @@ class Batcher:
                     continue
                 first = self.pending[0]
                 same = [j for j in self.pending if j.batch_key == first.batch_key and not j.cancelled]
-                left = first.enqueued + self.wait - time.monotonic()
+                now = time.monotonic()
+                left = first.enqueued + self.wait - now
+                if len(same) < min(self.expected, self.max_batch_size):  # the last batch's callers may be coming
+                    left = max(left, self.last_end + self.regather - now)
                 if len(same) >= self.max_batch_size or left <= 0:
                     batch = same[:self.max_batch_size]
                     taken = set(map(id, batch))
@@ -104,3 +118,6 @@ class Batcher:
             self.metrics.adapters_loaded.set(len(self.engine.pool.loaded))
             for job in batch:
                 job.done(job, error)
+            with self.cond:
+                self.expected = len(batch) + sum(not j.cancelled for j in self.pending)
+                self.last_end = time.monotonic()

@@ -33,6 +33,10 @@ class ServeArguments:
         "help": "Requests gathered into one generate call (they may use different adapters)."})
     max_batch_wait_ms: float = field(default=5.0, metadata={
         "help": "How long the first waiting request waits for others to join its batch."})
+    regather_wait_ms: float = field(default=50.0, metadata={
+        "help": "After a batch is answered, how long the next one may wait for as many requests as it had (its "
+                "callers sending their next ones), so concurrent clients keep sharing one generate call instead of "
+                "splitting into alternating smaller batches. A lone client never waits. 0: off."})
     max_queue_size: int = field(default=256, metadata={
         "help": "Requests waiting for a batch; beyond it the server answers 429 with Retry-After."})
     request_timeout: float = field(default=60.0, metadata={
