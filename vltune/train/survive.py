@@ -108,9 +108,7 @@ class SurvivingTrainer:
         """Called once per optimizer step, after clipping and before optimizer.step(): where a non-finite step is
         caught before it reaches the weights."""
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        drill = float(os.environ.get("VLTUNE_DRILL_STEP_SLEEP", "0") or 0)
-        if drill:  # the kill drills: steps slow enough for the drill to kill inside one, however fast the machine
-            time.sleep(drill)
+        _drill_pause("VLTUNE_DRILL_STEP_SLEEP", "step %d's optimizer step" % (self.state.global_step + 1))
         bad = None
         losses = [x.float().reshape(-1) for x in self._step_losses or []]
         if losses:
@@ -166,10 +164,7 @@ class SurvivingTrainer:
         if any_rank(failure is not None, self.args.device):
             self._save_failed(folder, run_dir, failure)
         self.accelerator.wait_for_everyone()
-        drill = float(os.environ.get("VLTUNE_DRILL_SAVE_SLEEP", "0") or 0)
-        if drill:  # the kill drills (benchmarks/drills.sh): widen the window between the data and its marker
-            logger.info("[checkpoint] VLTUNE_DRILL_SAVE_SLEEP: %s written, marker in %g s", folder, drill)
-            time.sleep(drill)
+        _drill_pause("VLTUNE_DRILL_SAVE_SLEEP", f"{folder} written, its marker", log=True)
         if main:
             mark_complete(folder, self.state.global_step)
             self._rotate(run_dir, limit, keep=folder)
@@ -215,6 +210,17 @@ class SurvivingTrainer:
                 unmark(c.path)
                 shutil.rmtree(c.path, ignore_errors=True)
                 excess -= 1
+
+
+def _drill_pause(variable: str, before: str, log: bool = False) -> None:
+    """The kill drills (tests/integration/test_drills.py) widen a window to kill in by setting `variable` to
+    seconds: VLTUNE_DRILL_STEP_SLEEP before each optimizer step (so a tiny model's steps are slower than the
+    drill's polling), VLTUNE_DRILL_SAVE_SLEEP between a checkpoint's data and its marker. Unset: nothing."""
+    seconds = float(os.environ.get(variable, "0") or 0)
+    if seconds:
+        if log:
+            logger.info("[checkpoint] %s: %s in %g s", variable, before, seconds)
+        time.sleep(seconds)
 
 
 def _sample_ids(inputs) -> list:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers, QueryParams
 
 from .wire import BadRequest, Observation, ObservationSpec, decode_body, encode_body, parse_observation
 
@@ -270,8 +271,6 @@ class _CountAndAuthorise:
             return await self.app(scope, receive, send)
         self.counters["requests"] += 1
         if self.key and scope["path"] != "/health":
-            from starlette.datastructures import Headers, QueryParams
-
             if not _authorised(Headers(scope=scope), QueryParams(scope.get("query_string", b"")), self.key):
                 self.counters["errors_4xx"] += 1
                 response = JSONResponse({"detail": "api_key: missing or wrong; send `Authorization: Bearer <key>`",
