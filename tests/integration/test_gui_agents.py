@@ -16,6 +16,7 @@ import torch
 from vltune.data.formats import read_dataset
 from vltune.data.synthetic_gui import APP_CATEGORY, APP_LOOKS, CATEGORIES, make_gui_set
 from vltune.coords import from_model_coords, parse_click
+from vltune.errors import UsageError
 
 # ---------------------------------------------------------------------------- synthetic data
 
@@ -159,9 +160,89 @@ def test_personalize_loads_the_global_model_once_and_writes_one_adapter_per_user
         adapter = out / "adapters" / f"user_{user}"
         assert (adapter / "adapter_config.json").is_file() and (adapter / "processor_config.json").is_file()
         report = json.loads((adapter / "data_report.json").read_text())
-        assert report["total"] == 8  # only this user's rows
+        # only this user's rows, less the screens held out for the guard (the default --guard_ratio 0.1)
+        assert report["total"] == 7
     summary = json.loads((out / "personalize.json").read_text())
     assert set(summary["users"]) == {"1", "2"} and summary["users"]["1"]["steps"] == 120
+    for user in ("1", "2"):
+        rec = summary["users"][user]
+        assert (rec["trained_on"], rec["validation"], rec["replayed"]) == (7, 1, 0)
+        # the random tiny global model misses; the trained adapter answers the user's own click
+        assert rec["val_accuracy_global"] == 0.0 and rec["val_accuracy_adapter"] == 1.0
+    assert summary["kept_global"] == []
+
+
+def _three_user_rows(root: Path) -> str:
+    from vltune.data.synthetic import make_grounding_set
+
+    made = make_grounding_set(root / "data", n_train=18, n_test=2, seed=4)
+    rows = [json.loads(line) for line in Path(made["train"]).read_text().splitlines()]
+    data = root / "data" / "users3.jsonl"  # beside the images its rows name
+    data.write_text("".join(json.dumps({**r, "user": 1 + i % 3}) + "\n" for i, r in enumerate(rows)))
+    return str(data)
+
+
+def test_personalize_replays_other_users_and_the_guard_keeps_global_for_a_worse_adapter(tmp_path, tiny_path,
+                                                                                     monkeypatch):
+    """--replay_users mixes that many other users' rows into the adapter's training; a user whose adapter
+    scores below the global model on their held-out screens keeps the global model: the adapter goes to
+    rejected/, personalize.json says so, and eval grounding's personalised row answers with the global model."""
+    import vltune.recipes.personalize as personalize
+    from vltune.recipes.eval_grounding import main as eval_main
+
+    data = _three_user_rows(tmp_path)
+    scores = iter([0.75, 0.5, 0.25, 0.5])  # user 1: global 75% > adapter 50%; user 2: 25% < 50%
+    monkeypatch.setattr(personalize, "_click_accuracy", lambda *a: next(scores))
+    out = tmp_path / "personal"
+    summary = personalize.main([
+        "--base", tiny_path(), "--dataset", data, "--users", "1-2", "--replay_users", "3", "--replay_ratio", "0.5",
+        "--guard_ratio", "0.2", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false"])
+    assert summary["kept_global"] == [1]
+    u1, u2 = summary["users"][1], summary["users"][2]
+    assert (u1["trained_on"], u1["validation"], u1["replayed"]) == (5, 1, 2)  # 6 rows, one screen held out
+    assert u1["adapter"] is None and (out / "rejected" / "user_1" / "adapter_config.json").is_file()
+    assert not (out / "adapters" / "user_1").exists() and (out / "adapters" / "user_2" / "adapter_config.json").is_file()
+    assert json.loads((out / "adapters" / "user_2" / "data_report.json").read_text())["total"] == 5 + 2
+    on_disk = json.loads((out / "personalize.json").read_text())
+    assert on_disk["kept_global"] == [1] and on_disk["users"]["1"]["val_accuracy_global"] == 0.75
+
+    report = eval_main(["--model", tiny_path(), "--per_user_adapters", str(out), "--dataset", data, "--users", "1-2",
+                        "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "8"])
+    assert report["kept_global"] == [1]
+    glob, pers = report["setups"]["global"]["per_user"], report["setups"]["personalised"]["per_user"]
+    assert pers["1"] == glob["1"]  # the guard's user is answered by the global model
+    assert "guard" in (tmp_path / "eval" / "report.md").read_text()
+    with pytest.raises(UsageError, match="--replay_users 1 overlaps"):
+        personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "1-2", "--replay_users", "1",
+                          "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(UsageError, match="--guard_ratio 1.5"):
+        personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "1", "--guard_ratio", "1.5",
+                          "--output_dir", str(tmp_path / "o")])
+
+
+def test_frequent_app_baseline_asks_habit_rows_by_the_users_most_used_app():
+    from vltune.data.formats import Sample
+    from vltune.eval.grounding import frequent_app_instructions, user_gains
+
+    def row(user, kind, cat, app, text):
+        return Sample([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]},
+                       {"role": "assistant", "content": [{"type": "text", "text": "click(1, 1)"}]}], ["x.png"],
+                      "t", {"user": user, "kind": kind, "category": cat, "app": app})
+
+    history = [row(1, "habit", "music", "Beats", "Open my music app"), row(1, "explicit", "music", "Melody", "Open Melody"),
+               row(1, "explicit", "music", "Beats", "Open Beats"), row(2, "habit", "music", "Melody", "Tap my music app")]
+    test = [row(1, "habit", "music", "Beats", "Launch my usual music player"), row(1, "explicit", "maps", "Atlas", "Open Atlas"),
+            row(2, "habit", "music", "Melody", "Open my music app"), row(3, "habit", "music", "Beats", "Open my music app")]
+    asked, memory = frequent_app_instructions(history, test)
+    assert memory == {1: {"music": "Beats"}, 2: {"music": "Melody"}}
+    assert [s.instruction() for s in asked] == ["Open Beats", "Open Atlas", "Open Melody", "Open my music app"]
+    assert asked[0].messages[0]["content"][0] == {"type": "image"} and asked[0].extra == test[0].extra
+    assert test[0].instruction() == "Launch my usual music player"  # the originals are untouched
+    g = user_gains({"per_user": {"1": {"click_accuracy": 0.5}, "2": {"click_accuracy": 0.5}, "3": {"click_accuracy": 0.2}}},
+                   {"per_user": {"1": {"click_accuracy": 0.75}, "2": {"click_accuracy": 0.25}, "3": {"click_accuracy": 0.3}}})
+    assert g["per_user"] == pytest.approx({"1": 25.0, "2": -25.0, "3": 10.0})
+    assert (g["min"], g["median"], g["max"], g["worse"], g["n_users"]) == pytest.approx((-25.0, 10.0, 25.0, 1, 3))
 
 
 def test_user_adapters_switch_on_one_model(personalised, tiny_path):

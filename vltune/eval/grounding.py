@@ -46,6 +46,46 @@ def constant_answer_baseline(train: list[Sample], test: list[Sample], convention
     return {"answer": best, "click_accuracy": scored["click_accuracy"]}
 
 
+def frequent_app_instructions(train: list[Sample], test: list[Sample]) -> tuple[list[Sample], dict]:
+    """The no-training personalisation baseline: each habit row of `test` asked as an explicit instruction
+    naming the app its user used most often in that category in `train` (their history, habit and explicit
+    rows alike). Needs the `user`, `kind`, `category` and `app` columns (`vltune data synth gui` writes them);
+    other rows are returned unchanged. Returns (rewritten samples, {user: {category: app}})."""
+    counts: dict = defaultdict(Counter)
+    for s in train:
+        if s.extra.get("category") is not None and s.extra.get("app") is not None:
+            counts[(s.extra.get("user"), s.extra["category"])][s.extra["app"]] += 1
+    memory: dict = defaultdict(dict)
+    for (user, cat), c in counts.items():
+        memory[user][cat] = c.most_common(1)[0][0]
+    out = []
+    for s in test:
+        app = memory.get(s.extra.get("user"), {}).get(s.extra.get("category"))
+        if s.extra.get("kind") != "habit" or app is None:
+            out.append(s)
+            continue
+        messages = [dict(m) for m in s.messages]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")  # the instruction
+        parts = [p for p in messages[last_user]["content"] if p["type"] != "text"]  # the image(s) stay
+        messages[last_user]["content"] = [*parts, {"type": "text", "text": f"Open {app}"}]
+        out.append(Sample(messages, s.images, s.where, s.extra))
+    return out, {u: dict(m) for u, m in memory.items()}
+
+
+def user_gains(base: dict, other: dict) -> dict:
+    """Per-user click-accuracy gain of setup `other` over `base` (breakdown() outputs): each user, the
+    spread (min / median / max, in points) and how many users are worse."""
+    gains = {u: 100 * (other["per_user"][u]["click_accuracy"] - b["click_accuracy"])
+             for u, b in base["per_user"].items() if u in other["per_user"]}
+    vals = sorted(gains.values())
+    if not vals:
+        return {"per_user": {}, "min": None, "median": None, "max": None, "worse": 0, "n_users": 0}
+    mid = len(vals) // 2
+    median = vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+    return {"per_user": gains, "min": vals[0], "median": median, "max": vals[-1],
+            "worse": sum(v < 0 for v in vals), "n_users": len(vals)}
+
+
 def summarize(records: list[dict]) -> dict:
     """{n, click_accuracy, mean_distance_px, unparseable_rate} over per-sample records."""
     n = len(records)

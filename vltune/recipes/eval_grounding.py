@@ -54,6 +54,11 @@ class EvalGroundingArguments:
     zero_shot: str | None = field(default=None, metadata={
         "help": "Also evaluate this model as the zero-shot row; `auto` = the model --model was fine-tuned from "
                 "(read from its args.json or adapter_config.json)."})
+    frequent_app_baseline: list[str] = field(default_factory=list, metadata={
+        "help": "The users' training data (e.g. data/gui/train.jsonl): adds the no-training personalisation "
+                "baseline `most-frequent app`, the global model asked each habit row as 'Open <app>' with the app "
+                "its user used most in that category there. Needs the user/kind/category/app columns of "
+                "`vltune data synth gui`."})
     users: str | None = field(default=None, metadata={"help": "Only these users, e.g. '1-10'."})
     allow_pickle: bool = field(default=False, metadata={
         "help": "Allow reading per-user .pkl files (unpickling runs code from the file: only for data you trust)."})
@@ -73,7 +78,7 @@ def _same_model(model):
 def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments) -> dict:
     from ..data.formats import read_dataset
     from ..data.formats import target_of
-    from ..eval.grounding import breakdown, score_samples
+    from ..eval.grounding import breakdown, frequent_app_instructions, score_samples, user_gains
     from ..generation import answers_per_user, generate_answers
     from ..models.adapters import UserAdapters, load_global, zero_shot_model_of
     from ..models.inference import load_for_inference
@@ -109,9 +114,9 @@ def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments)
     setups: dict[str, dict] = {}
     predictions: dict[str, list[dict]] = {}
 
-    def evaluate(name: str, model_for_user) -> None:
+    def evaluate(name: str, model_for_user, asked=None) -> None:
         t = time.time()
-        answers = answers_per_user(samples, model_for_user, lambda model, part, user: generate_answers(
+        answers = answers_per_user(asked or samples, model_for_user, lambda model, part, user: generate_answers(
             model, processor, part, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
             desc=f"{name} user {user}"))
         records = score_samples(samples, answers, convention, processor)
@@ -132,21 +137,45 @@ def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments)
         del zs_model
         gc.collect()
     evaluate("global" if args.per_user_adapters else "model", _same_model(global_model))
+    memory = None
+    if args.frequent_app_baseline:
+        history, _ = read_dataset(args.frequent_app_baseline, users=args.users, allow_pickle=args.allow_pickle)
+        asked, memory = frequent_app_instructions(history, samples)
+        logger.info("[eval] most-frequent app baseline from %s: %s", args.frequent_app_baseline, memory)
+        evaluate("most-frequent app", _same_model(global_model), asked)
+    kept_global = []
     if args.per_user_adapters:
-        bank = UserAdapters(global_model, args.per_user_adapters)
-        no_adapter = sorted({s.extra.get("user") for s in samples} - set(bank.users), key=str)
+        kept_global = _kept_global(args.per_user_adapters)
+        bank = UserAdapters(global_model, args.per_user_adapters) if _has_adapters(args.per_user_adapters) else None
+        no_adapter = sorted({s.extra.get("user") for s in samples} - set(bank.users if bank else ()), key=str)
         if no_adapter:
-            logger.warning("[eval] user(s) without an adapter get the global model: %s", no_adapter)
-        evaluate("personalised", bank.use)
+            logger.warning("[eval] user(s) without an adapter get the global model: %s%s", no_adapter,
+                           f" (kept global by personalize's guard: {kept_global})" if kept_global else "")
+        evaluate("personalised", bank.use if bank else _same_model(global_model))
 
     report = {"model": described, "adapters": args.adapters, "per_user_adapters": args.per_user_adapters,
               "zero_shot": args.zero_shot, "dataset": args.dataset, "users": args.users,
               "coordinates": convention, "n_samples": len(samples), "setups": setups,
+              "gains": {name: user_gains(setups["global"], setups[name]) for name in setups
+                        if "global" in setups and name not in ("global", "zero-shot")},
+              "kept_global": kept_global, "frequent_app_memory": memory,
               "seconds": round(time.time() - t0, 1)}
     write_report(out, report, predictions, samples, args.plot_samples)
     print(format_overall(report))
     print(f"report: {out / 'report.md'} (+ report.json, predictions_*.jsonl, clicks_*.png)")
     return report
+
+
+def _kept_global(per_user_adapters: str) -> list:
+    """Users `vltune personalize`'s guard left on the global model (its personalize.json), if any."""
+    summary = Path(per_user_adapters) / "personalize.json"
+    return json.loads(summary.read_text()).get("kept_global", []) if summary.is_file() else []
+
+
+def _has_adapters(per_user_adapters: str) -> bool:
+    """False only for a personalize run whose guard kept the global model for every user."""
+    root = Path(per_user_adapters)
+    return not (root / "personalize.json").is_file() or any((root / "adapters").glob("user_*/adapter_config.json"))
 
 
 def _global_spec(model_args: ModelArguments, args: EvalGroundingArguments) -> str | None:
@@ -189,6 +218,14 @@ def write_report(out: Path, report: dict, predictions: dict, samples, plot_sampl
             md.append(f"| {k} | " + " | ".join(_pct(report["setups"][n]["per_kind"].get(k, {}).get("click_accuracy"))
                                                for n in names) + " |")
         md.append("")
+    for name, g in report.get("gains", {}).items():
+        if g["n_users"]:
+            md += [f"## {name} vs global, per user\n",
+                   f"Gain in click-accuracy points over {g['n_users']} user(s): min {g['min']:+.1f}, median "
+                   f"{g['median']:+.1f}, max {g['max']:+.1f}; {g['worse']} user(s) worse than global.\n"]
+    if report.get("kept_global"):
+        md += [f"Kept on the global model by `vltune personalize`'s guard (their adapter scored below it on their "
+               f"own held-out rows): users {', '.join(map(str, report['kept_global']))}.\n"]
     users = list(next(iter(report["setups"].values()))["per_user"])
     md += ["## Per user (click accuracy)\n", "| user | n | " + " | ".join(names) + " |",
            "|---|---|" + "---|" * len(names)]

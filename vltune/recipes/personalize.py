@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,17 @@ class PersonalizeArguments:
                 "merged into its base in memory). Loaded once for all users."})
     min_user_samples: int = field(default=1, metadata={
         "help": "Users with fewer samples are skipped (and listed) instead of getting an adapter."})
+    replay_users: str | None = field(default=None, metadata={
+        "help": "Users whose rows of --dataset are mixed into every adapter's training (replay), e.g. the global "
+                "model's training users '11-83': the adapter learns the user's habits without drifting from "
+                "what the global model does for everyone. None: the user's own rows only."})
+    replay_ratio: float = field(default=1.0, metadata={
+        "help": "Replayed rows per own training row of the user (with --replay_users)."})
+    guard_ratio: float = field(default=0.1, metadata={
+        "help": "Share of each user's rows (whole screenshots) held out as their validation slice: the global "
+                "model and the new adapter are both scored there (click accuracy), and a user whose adapter "
+                "scores below the global model keeps the global model (the adapter goes to rejected/, "
+                "personalize.json lists the user under kept_global). 0 turns the guard off."})
 
 
 def _weights_checksum(model: torch.nn.Module) -> float:
@@ -49,10 +61,29 @@ def _weights_checksum(model: torch.nn.Module) -> float:
         return float(sum(p.double().sum() for n, p in model.named_parameters() if "lora_" not in n))
 
 
+def _click_accuracy(model, processor, samples: list, convention: str) -> float:
+    from ..eval.grounding import score_clicks
+    from ..generation import generate_answers
+
+    answers = generate_answers(model, processor, samples, desc="validation slice")
+    return score_clicks(samples, answers, convention, processor)["click_accuracy"]
+
+
+def _replay_rows(pool: list, n: int, seed: int, user: int) -> list:
+    import random
+
+    if not pool or n <= 0:
+        return []
+    rng = random.Random(f"replay-{seed}-{user}")
+    return rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
+
+
 def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: DataArguments,
                     args: SFTTrainingArguments, p: PersonalizeArguments) -> dict:
     from ..data.formats import parse_users, read_dataset
+    from ..data.splits import split_holdout_groups
     from ..models.adapters import load_global
+    from ..models.load import model_family, resolve_model_path
     from ..train.sft import run_sft
 
     setup_logging()
@@ -66,11 +97,23 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
 
     root = Path(args.output_dir)
     # Checked once for the whole run; each user's directory under adapters/ is then new (or cleared with it).
-    claim_output_dir(root, args.resume_from_checkpoint, args.overwrite_output_dir, extra=("personalize.json", "adapters"))
+    claim_output_dir(root, args.resume_from_checkpoint, args.overwrite_output_dir, extra=("personalize.json", "adapters", "rejected"))
     root.mkdir(parents=True, exist_ok=True)
+    if not 0 <= p.guard_ratio < 1:
+        raise UsageError(f"--guard_ratio {p.guard_ratio}: give a share of each user's rows in [0, 1), e.g. 0.1 (0: no guard)")
+    if p.replay_ratio < 0:
+        raise UsageError(f"--replay_ratio {p.replay_ratio}: give the replayed rows per own row, >= 0 (e.g. 1.0)")
     samples, errors = read_dataset(data.dataset, users=data.users, allow_pickle=data.allow_pickle)
     for e in errors:
         logger.warning("[data] skipped unreadable record: %s", e)
+    replay_pool: list = []
+    if p.replay_users:
+        replay_ids = set(parse_users(p.replay_users) or ())
+        if replay_ids & set(parse_users(data.users) or ()):
+            raise UsageError(f"--replay_users {p.replay_users} overlaps --users {data.users}: replay other users' rows")
+        replay_pool, _ = read_dataset(data.dataset, users=p.replay_users, allow_pickle=data.allow_pickle)
+        logger.info("[personalize] replay: %d row(s) of users %s, %.2g per own row", len(replay_pool),
+                    p.replay_users, p.replay_ratio)
     by_user: dict[int, list] = defaultdict(list)
     untagged = 0
     for s in samples:
@@ -100,25 +143,50 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
     checksum = _weights_checksum(model)
     logger.info("[personalize] global model %s loaded once; %d user(s): %s", described, len(users), users)
     dump_config((model_args, tuner, data, args, p), root / "args.json")
+    convention = model_family(p.base or resolve_model_path(model_args)).coords
 
-    summary = {"base": base_path, "users": {}, "skipped_users": missing}
+    summary = {"base": base_path, "users": {}, "skipped_users": missing, "kept_global": []}
     for i, user in enumerate(users, 1):
-        logger.info("[personalize] user %d (%d/%d): %d sample(s)", user, i, len(users), len(by_user[user]))
+        own, val = split_holdout_groups(by_user[user], p.guard_ratio, args.seed + user,
+                                        key=lambda s: str(s.images[0]) if s.images else s.where)
+        replay = _replay_rows(replay_pool, round(p.replay_ratio * len(own)), args.seed, user)
+        logger.info("[personalize] user %d (%d/%d): %d sample(s): %d to train on%s%s", user, i, len(users),
+                    len(by_user[user]), len(own), f" + {len(replay)} replayed" if replay else "",
+                    f", {len(val)} held out for the guard" if val else "")
+        global_val = _click_accuracy(model, processor, val, convention) if val else None
         user_args = replace(args, output_dir=str(root / "adapters" / f"user_{user}"))
         t_user = time.time()
         result = run_sft(replace(model_args, model=p.base or model_args.model), tuner,
                          replace(data, users=str(user)), user_args, model=model, processor=processor,
-                         samples=by_user[user])
+                         samples=own + replay)
         peft_model = result.model
+        adapter_val = _click_accuracy(peft_model, processor, val, convention) if val else None
         model = peft_model.unload()  # drop this user's LoRA layers: the global weights come back as they were
         if abs(_weights_checksum(model) - checksum) > 1e-6 * max(1.0, abs(checksum)):
             raise RuntimeError(f"user {user}: the global weights changed during personalisation (a bug): "
                                f"adapters trained after this one would start from the wrong model")
         state = Path(result.output_dir) / "trainer_state.json"
-        summary["users"][user] = {"samples": len(by_user[user]), "adapter": result.output_dir,
-                                  "train_loss": result.metrics.get("train_loss"),
-                                  "steps": json.loads(state.read_text())["global_step"] if state.is_file() else None,
-                                  "seconds": round(time.time() - t_user, 1)}
+        record = {"samples": len(by_user[user]), "trained_on": len(own), "replayed": len(replay),
+                  "validation": len(val), "adapter": result.output_dir,
+                  "train_loss": result.metrics.get("train_loss"),
+                  "steps": json.loads(state.read_text())["global_step"] if state.is_file() else None,
+                  "val_accuracy_global": global_val, "val_accuracy_adapter": adapter_val}
+        if val and adapter_val < global_val:
+            rejected = root / "rejected" / f"user_{user}"
+            rejected.parent.mkdir(exist_ok=True)
+            shutil.rmtree(rejected, ignore_errors=True)
+            shutil.move(result.output_dir, rejected)
+            record["adapter"] = None
+            record["rejected_adapter"] = str(rejected)
+            summary["kept_global"].append(user)
+            logger.warning("[personalize] user %d keeps the global model: the adapter scored %.1f%% on the user's "
+                           "%d held-out row(s), the global model %.1f%% (adapter kept aside in %s)", user,
+                           100 * adapter_val, len(val), 100 * global_val, rejected)
+        elif val:
+            logger.info("[personalize] user %d: held-out click accuracy %.1f%% (global %.1f%%)", user,
+                        100 * adapter_val, 100 * global_val)
+        record["seconds"] = round(time.time() - t_user, 1)
+        summary["users"][user] = record
     summary["total_seconds"] = round(time.time() - t0, 1)
     (root / "personalize.json").write_text(json.dumps(summary, indent=2))
     (root / "README.md").write_text(
