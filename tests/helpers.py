@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -47,3 +48,47 @@ def packing_features(rows: list[dict]) -> list[dict]:
     from vltune.data.formats import normalize_row
 
     return [{"sample": normalize_row(r, None, f"t:{i}"), "images": list(r["images"])} for i, r in enumerate(rows)]
+
+
+def grounding_report(samples, answers: dict[str, list[str]], convention: str = "rel1000", **extra):
+    """(report, predictions) as `vltune eval grounding` builds them, from given answers per setup (no model):
+    the records of vltune.eval.grounding.score_samples and its breakdown per setup."""
+    from vltune.eval.grounding import breakdown, score_samples
+
+    predictions = {name: score_samples(samples, a, convention, None) for name, a in answers.items()}
+    report = {"model": "hand-made", "dataset": ["test.jsonl"], "users": None, "coordinates": convention,
+              "n_samples": len(samples), "setups": {n: breakdown(r) for n, r in predictions.items()}, **extra}
+    return report, predictions
+
+
+@contextlib.contextmanager
+def headless_chromium(window: tuple[int, int] = (1200, 900)):
+    """A selenium driver on Debian's headless chromium + chromium-driver; skips the test when either (or
+    selenium) is missing (.ci/run installs them with apt-get)."""
+    import shutil
+    import tempfile
+
+    import pytest
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_bin = shutil.which("chromedriver")
+    if not chromium or not driver_bin:
+        pytest.skip("no Debian chromium + chromium-driver here (.ci/run installs them with apt-get)")
+    from selenium.webdriver.chrome.service import Service
+
+    with tempfile.TemporaryDirectory(prefix="vltune-chromium-") as profile:
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     f"--user-data-dir={profile}", f"--window-size={window[0]},{window[1]}"):
+            options.add_argument(flag)
+        browser = webdriver.Chrome(service=Service(driver_bin), options=options)
+        try:
+            inner = browser.execute_script("return [window.innerWidth, window.innerHeight]")
+            if inner != list(window):  # --window-size counts the window's frame: make the page area that size
+                browser.set_window_size(2 * window[0] - inner[0], 2 * window[1] - inner[1])
+            yield browser
+        finally:
+            browser.quit()

@@ -315,6 +315,7 @@ def test_eval_grounding_compares_zero_shot_global_and_personalised(personalised,
     md = (out / "report.md").read_text()
     assert "| personalised | 100.0% |" in md and "## Per user" in md
     assert (out / "clicks_personalised.png").stat().st_size > 0
+    assert 'data-user="1"' in (out / "report.html").read_text()  # the self-contained page, per-user rows
     lines = (out / "predictions_personalised.jsonl").read_text().splitlines()
     assert len(lines) == 16 and all(json.loads(line)["ok"] for line in lines)
     assert json.loads((out / "report.json").read_text())["setups"]["global"]["overall"]["n"] == 16
@@ -406,3 +407,63 @@ def test_personalize_on_a_lora_global_model(tmp_path, tiny_path):
                                 "--save_strategy", "no", "--gradient_checkpointing", "false"])
     assert list(summary["users"]) == [7]
     assert (tmp_path / "out" / "adapters" / "user_7" / "adapter_model.safetensors").is_file()
+
+
+def test_eval_report_html_filters_in_a_real_browser(tmp_path):
+    """report.html from hand-made answers on synthetic GUI screens (no model): the tables render, the user
+    filter leaves only that user's cards (and per-user row), the kind filter narrows them further.
+    VLTUNE_WRITE_DOCS=1 also writes the screenshot to docs/eval_report.png."""
+    import os
+    import shutil
+
+    from tests.helpers import grounding_report, headless_chromium
+    from vltune.coords import format_click, to_model_coords
+    from vltune.eval.html_report import write_html_report
+
+    made = make_gui_set(tmp_path / "data", train_users="4", test_users="1-3", samples_per_user=1,
+                        test_per_user=6, seed=5, pickles=False)
+    samples, _ = read_dataset(made["test"])
+
+    def click(s, hit: bool) -> str:
+        (x, y), (w, h) = s.extra["target"]["point"], s.extra["target"]["size"]
+        return format_click(*to_model_coords(x if hit else w - x, y if hit else h - y, w, h, "rel1000"))
+
+    answers = {"zero-shot": ["I cannot see the screen"] * len(samples),
+               "global": [click(s, s.extra["kind"] == "explicit") for s in samples],
+               "personalised": [click(s, s.extra["kind"] == "explicit" or i % 3) for i, s in enumerate(samples)]}
+    report, predictions = grounding_report(samples, answers, kept_global=["3"])
+    report["users"] = "1-3"
+    path = write_html_report(tmp_path, report, predictions, samples)
+
+    with headless_chromium((1200, 900)) as browser:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import Select
+
+        browser.get(path.resolve().as_uri())
+
+        def shown(css: str) -> list:
+            return [e for e in browser.find_elements(By.CSS_SELECTOR, css) if e.is_displayed()]
+
+        try:
+            assert [r.find_element(By.TAG_NAME, "td").text for r in shown("#overall tbody tr")] == list(answers)
+            assert len(shown("#per-user tbody tr")) == 3 and len(shown(".card")) == len(samples) == 18
+            assert "global kept" in shown("#per-user tbody tr")[2].text
+            Select(browser.find_element(By.ID, "user-filter")).select_by_value("2")
+            cards = shown(".card")
+            assert len(cards) == 6 and {c.get_attribute("data-user") for c in cards} == {"2"}
+            assert [r.get_attribute("data-user") for r in shown("#per-user tbody tr")] == ["2"]
+            kinds = [s.extra["kind"] for s in samples if s.extra["user"] == 2]
+            kind = next(k for k in ("habit", "explicit") if 0 < kinds.count(k) < 6)  # the filter hides some
+            Select(browser.find_element(By.ID, "kind-filter")).select_by_value(kind)
+            cards = shown(".card")
+            assert len(cards) == kinds.count(kind) < 6
+            assert {(c.get_attribute("data-user"), c.get_attribute("data-kind")) for c in cards} == {("2", kind)}
+            assert browser.find_element(By.ID, "shown").text == str(len(cards))
+            assert all(c.find_element(By.TAG_NAME, "img").get_attribute("naturalWidth") != "0" for c in cards)
+        except Exception:
+            raise AssertionError(f"browser log: {browser.get_log('browser')}") from None
+        shot = tmp_path / "eval_report.png"
+        browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 1000
+    if os.environ.get("VLTUNE_WRITE_DOCS") == "1":
+        shutil.copy(shot, Path(__file__).parents[2] / "docs" / "eval_report.png")

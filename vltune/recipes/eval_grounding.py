@@ -20,8 +20,9 @@ image (parsed answers only), unparseable-answer rate. Targets come from a `targe
 coordinate convention (0-1000 relative, or Qwen2.5-VL's pixels of the resized image) with the processor used.
 
 Writes to --output_dir: report.md (tables + the click grid), report.json (every figure),
-predictions_<setup>.jsonl (each answer, parsed point, hit) and clicks_<setup>.png (screenshots with
-true box and click in green, prediction in red).
+predictions_<setup>.jsonl (each answer, parsed point, hit), clicks_<setup>.png (screenshots with
+true box and click in green, prediction in red) and report.html (one self-contained page: the tables, and
+per user their screenshots with the true box and each setup's click, filterable by user and kind).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class EvalGroundingArguments:
     max_new_tokens: int = field(default=32, metadata={"help": "Upper bound on generated tokens per answer."})
     output_dir: str = field(default="output/eval_grounding", metadata={"help": "Where the report goes."})
     plot_samples: int = field(default=16, metadata={"help": "Screenshots drawn per setup in clicks_<setup>.png."})
+    html_per_user: int = field(default=12, metadata={
+        "help": "Screenshots per user in report.html's gallery, each with the true box and every setup's click "
+                "but zero-shot's (-1: all of them, 0: tables only)."})
 
 
 # ---------------------------------------------------------------------------- running setups
@@ -160,9 +164,9 @@ def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments)
                         if "global" in setups and name not in ("global", "zero-shot")},
               "kept_global": kept_global, "frequent_app_memory": memory,
               "seconds": round(time.time() - t0, 1)}
-    write_report(out, report, predictions, samples, args.plot_samples)
+    write_report(out, report, predictions, samples, args.plot_samples, args.html_per_user)
     print(format_overall(report))
-    print(f"report: {out / 'report.md'} (+ report.json, predictions_*.jsonl, clicks_*.png)")
+    print(f"report: {out / 'report.md'} (+ report.json, report.html, predictions_*.jsonl, clicks_*.png)")
     return report
 
 
@@ -200,8 +204,10 @@ def format_overall(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, report: dict, predictions: dict, samples, plot_samples: int) -> None:
+def write_report(out: Path, report: dict, predictions: dict, samples, plot_samples: int,
+                 html_per_user: int = 12) -> None:
     from ..data.images import load_image
+    from ..eval.html_report import write_html_report
     from ..eval.plots import plot_clicks
 
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -247,6 +253,7 @@ def write_report(out: Path, report: dict, predictions: dict, samples, plot_sampl
             plot_clicks(items, out / f"clicks_{slug}.png", title=f"{name}: true (green) vs predicted (red)")
             md += [f"## {name}: examples\n", f"![{name}](clicks_{slug}.png)\n"]
     (out / "report.md").write_text("\n".join(md))
+    write_html_report(out, report, predictions, samples, per_user=html_per_user)
 
 
 def _spread(records: list[dict], k: int) -> list[int]:
