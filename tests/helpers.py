@@ -53,11 +53,14 @@ def packing_features(rows: list[dict]) -> list[dict]:
 def grounding_report(samples, answers: dict[str, list[str]], convention: str = "rel1000", **extra):
     """(report, predictions) as `vltune eval grounding` builds them, from given answers per setup (no model):
     the records of vltune.eval.grounding.score_samples and its breakdown per setup."""
-    from vltune.eval.grounding import breakdown, score_samples
+    from vltune.eval.grounding import breakdown, score_samples, user_gains
 
     predictions = {name: score_samples(samples, a, convention, None) for name, a in answers.items()}
+    setups = {n: breakdown(r) for n, r in predictions.items()}
+    gains = {n: user_gains(setups["global"], s) for n, s in setups.items() if "global" in setups
+             and n not in ("global", "zero-shot")}
     report = {"model": "hand-made", "dataset": ["test.jsonl"], "users": None, "coordinates": convention,
-              "n_samples": len(samples), "setups": {n: breakdown(r) for n, r in predictions.items()}, **extra}
+              "n_samples": len(samples), "setups": setups, "gains": gains, **extra}
     return report, predictions
 
 

@@ -132,6 +132,10 @@ def test_tables_gallery_filters_and_escaping(tmp_path):
         ("3", ["3", "1", "0.0%", "0.0%", "0.0%", "0.0%", "+0.0 pp"])]
     assert [cells[7] for _, cells in rows] == ["", KEPT_GLOBAL, ""]  # kept_global as ints, the keys are strings
     assert [a.get("class") for a, _ in rows] == [None, "kept", None]
+    # the spread of per-user gains (report["gains"]): personalised +33.3/+50/0, baseline 0/-50/0
+    assert ("personalised: per-user gain over global min +0.0, median +33.3, max +50.0 points; 0 of 3 user(s) "
+            "worse than global") in text
+    assert "baseline: per-user gain over global min -50.0, median +0.0, max +0.0 points; 1 of 3 user(s)" in text
 
     assert [c["data-user"] for c in page.cards] == ["1", "1", "1", "2", "2", "3"]
     assert [c["data-kind"] for c in page.cards] == ["explicit", "habit", "habit", "explicit", "habit", "explicit"]

@@ -128,6 +128,14 @@ def _per_user_table(report: dict, names: list[str], users: list[str]) -> str:
     return f"<table id=\"per-user\">\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>"
 
 
+def _gains(report: dict) -> str:
+    """The spread of each setup's per-user gain over global (report["gains"], written by eval grounding)."""
+    lines = [f"<li>{escape(name)}: per-user gain over global min {g['min']:+.1f}, median {g['median']:+.1f}, "
+             f"max {g['max']:+.1f} points; {g['worse']} of {g['n_users']} user(s) worse than global</li>"
+             for name, g in (report.get("gains") or {}).items() if g.get("n_users")]
+    return f"<ul id=\"gains\">{''.join(lines)}</ul>" if lines else ""
+
+
 def _outcome(record: dict) -> str:
     return "hit" if record.get("ok") else "unparseable" if record.get("pred") is None else "miss"
 
@@ -280,6 +288,7 @@ def write_html_report(out: Path, report: dict, predictions: dict[str, list[dict]
 <h2>Per user (click accuracy)</h2>
 {f'<p class="note">{escape(kind_note.strip())}</p>' if kinds else ''}
 {_per_user_table(report, names, users)}
+{_gains(report)}
 <h2>Screenshots</h2>
 <p class="legend">{''.join(legend)}</p>
 {''.join(sections)}
