@@ -216,6 +216,9 @@ def test_personalize_replays_other_users_and_the_guard_keeps_global_for_a_worse_
     with pytest.raises(UsageError, match="--replay_users 1 overlaps"):
         personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "1-2", "--replay_users", "1",
                           "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(UsageError, match="--replay_where kind=explicit: no row of --replay_users 3"):
+        personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "1-2", "--replay_users", "3",
+                          "--replay_where", "kind=explicit", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(UsageError, match="--guard_ratio 1.5"):
         personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "1", "--guard_ratio", "1.5",
                           "--output_dir", str(tmp_path / "o")])

@@ -46,6 +46,9 @@ class PersonalizeArguments:
         "help": "Users whose rows of --dataset are mixed into every adapter's training (replay), e.g. the global "
                 "model's training users '11-83': the adapter learns the user's habits without drifting from "
                 "what the global model does for everyone. None: the user's own rows only."})
+    replay_where: str | None = field(default=None, metadata={
+        "help": "Replay only rows whose column has this value, COLUMN=VALUE: e.g. kind=explicit keeps the rows "
+                "every user answers alike, so other users' own habits do not pull against this user's."})
     replay_ratio: float = field(default=1.0, metadata={
         "help": "Replayed rows per own training row of the user (with --replay_users)."})
     guard_ratio: float = field(default=0.1, metadata={
@@ -112,6 +115,14 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
         if replay_ids & set(parse_users(data.users) or ()):
             raise UsageError(f"--replay_users {p.replay_users} overlaps --users {data.users}: replay other users' rows")
         replay_pool, _ = read_dataset(data.dataset, users=p.replay_users, allow_pickle=data.allow_pickle)
+        if p.replay_where:
+            column, sep, value = p.replay_where.partition("=")
+            if not sep or not column:
+                raise UsageError(f"--replay_where {p.replay_where}: give COLUMN=VALUE, e.g. kind=explicit")
+            replay_pool = [s for s in replay_pool if str(s.extra.get(column)) == value]
+            if not replay_pool:
+                raise UsageError(f"--replay_where {p.replay_where}: no row of --replay_users {p.replay_users} in "
+                                 f"{data.dataset} has {column} == {value!r}")
         logger.info("[personalize] replay: %d row(s) of users %s, %.2g per own row", len(replay_pool),
                     p.replay_users, p.replay_ratio)
     by_user: dict[int, list] = defaultdict(list)
