@@ -1,27 +1,43 @@
 #!/usr/bin/env bash
 # seeds/04 end to end at demo scale, on the embedded tiny Qwen3-VL, offline, on a CPU:
 # synthetic users -> global model over users 11-83 -> one adapter per test user (1-10) ->
-# zero-shot vs global vs personalised on the test users' held-out screens.
-#   bash examples/gui_agents.sh [OUT]        (OUT defaults to output/gui)
+# zero-shot vs global vs most-frequent-app baseline vs personalised on the test users' held-out screens.
+#   bash examples/gui_agents.sh [OUT] [SEED]     (OUT defaults to output/gui, SEED to 0)
+# SEED covers the data (users' habits, screens), the global model's training and the adapters'.
 # The tiny model reads one vision token per icon cell: 512 px screenshots resized to 128 px
 # (--max_pixels 16384), saved with the processor so personalize/eval/infer resize the same way.
 # --tiny_size s: the embedded model whose vision tower got a head start (see the demo).
+# Each step's wall and CPU time goes to stderr and to OUT/times.txt.
 set -euo pipefail
 OUT=${1:-output/gui}
+SEED=${2:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+: > "$OUT/times.txt"
+step() {  # step NAME COMMAND...: run it, then log its wall / user / sys seconds
+    local name=$1; shift
+    local TIMEFORMAT="$name: %R s wall, %U s user, %S s sys"
+    { time "$@" 2>&3 ; } 3>&2 2>>"$OUT/times.txt"
+    tail -n 1 "$OUT/times.txt" >&2
+}
 
-vltune data synth gui --preset seeds_small --out "$OUT/data"
+step data vltune data synth gui --preset seeds_small --seed "$SEED" --out "$OUT/data"
 
-vltune sft --dataset "$OUT/data/train.jsonl" --users 11-83 --tiny_size s --train_type full --max_pixels 16384 \
-    --num_train_epochs 2 --learning_rate 1e-3 --per_device_train_batch_size 16 --warmup_steps 0.05 \
-    --lr_scheduler_type cosine --weight_decay 0 --gradient_checkpointing false --save_strategy no \
-    --logging_steps 50 --output_dir "$OUT/global"
+step global vltune sft --dataset "$OUT/data/train.jsonl" --users 11-83 --tiny_size s --train_type full \
+    --max_pixels 16384 --num_train_epochs 2 --learning_rate 1e-3 --per_device_train_batch_size 16 \
+    --warmup_steps 0.05 --lr_scheduler_type cosine --weight_decay 0 --gradient_checkpointing false \
+    --save_strategy no --logging_steps 50 --seed "$SEED" --output_dir "$OUT/global"
 
-vltune personalize --base "$OUT/global" --dataset "$OUT/data/train.jsonl" --users 1-10 \
+# Each adapter trains on its user's rows plus as many explicit rows of the training users (replay: they
+# keep the adapter finding named apps), and must beat the global model on the user's held-out screens
+# (the guard) or the user keeps the global model.
+step personalize vltune personalize --base "$OUT/global" --dataset "$OUT/data/train.jsonl" --users 1-10 \
+    --replay_users 11-83 --replay_where kind=explicit --replay_ratio 1 --guard_ratio 0.1 \
     --train_type lora --lora_rank 16 --lora_alpha 32 --lora_dropout 0 --learning_rate 1e-3 \
     --num_train_epochs 4 --per_device_train_batch_size 16 --warmup_steps 0.1 --lr_scheduler_type cosine \
-    --gradient_checkpointing false --save_strategy no --logging_steps 10 --report_to none \
+    --gradient_checkpointing false --save_strategy no --logging_steps 10 --report_to none --seed "$SEED" \
     --output_dir "$OUT/personal"
 
-vltune eval grounding --model "$OUT/global" --per_user_adapters "$OUT/personal" --zero_shot auto \
+step eval vltune eval grounding --model "$OUT/global" --per_user_adapters "$OUT/personal" --zero_shot auto \
+    --frequent_app_baseline "$OUT/data/train.jsonl" \
     --dataset "$OUT/data/test.jsonl" --users 1-10 --output_dir "$OUT/eval"

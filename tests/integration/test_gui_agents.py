@@ -202,6 +202,7 @@ def test_personalize_replays_other_users_and_the_guard_keeps_global_for_a_worse_
     u1, u2 = summary["users"][1], summary["users"][2]
     assert (u1["trained_on"], u1["validation"], u1["replayed"]) == (5, 1, 2)  # 6 rows, one screen held out
     assert u1["adapter"] is None and (out / "rejected" / "user_1" / "adapter_config.json").is_file()
+    assert u2["adapter"] == str(out / "adapters" / "user_2") and u2["val_accuracy_adapter"] == 0.5
     assert not (out / "adapters" / "user_1").exists() and (out / "adapters" / "user_2" / "adapter_config.json").is_file()
     assert json.loads((out / "adapters" / "user_2" / "data_report.json").read_text())["total"] == 5 + 2
     on_disk = json.loads((out / "personalize.json").read_text())

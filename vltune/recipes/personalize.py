@@ -10,8 +10,17 @@ own samples only (rows whose `user` column, or whose user_<id>.pkl file, is that
 `<output_dir>/adapters/user_<id>/`, and removed again, leaving the global weights untouched for the next
 user. Every `vltune sft` flag applies per user (--lora_rank, --learning_rate, --num_train_epochs, ...).
 
-Writes: adapters/user_<id>/ (adapter, processor, args.json, train.log, loss.png per user),
-personalize.json (per user: samples, steps, final loss, seconds) and README.md.
+Two guards against an adapter that forgets the screen while it learns the user:
+  replay  --replay_users 11-83 --replay_where kind=explicit mixes other users' rows (here only those every
+          user answers alike) into each adapter's training, --replay_ratio rows per own row;
+  guard   --guard_ratio (0.1) of the user's screenshots are held out; the global model and the adapter are
+          scored there (click accuracy), and a user whose adapter is worse keeps the global model: the adapter
+          goes to rejected/user_<id>/ and personalize.json lists the user under kept_global.
+`examples/gui_agents.sh` uses both; the README gives the measurements that chose them.
+
+Writes: adapters/user_<id>/ (adapter, processor, args.json, train.log, loss.png per user), rejected/,
+personalize.json (per user: samples, rows trained on / replayed / held out, both held-out scores, steps,
+final loss, seconds; kept_global) and README.md.
 Use them with `vltune eval grounding --model <base> --per_user_adapters <output_dir>` and
 `vltune infer --model <base> --per_user_adapters <output_dir> --dataset ...` (each row goes to its user's adapter).
 """
@@ -202,7 +211,9 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
     (root / "personalize.json").write_text(json.dumps(summary, indent=2))
     (root / "README.md").write_text(
         f"# vltune personalize output\n\n- global model: `{base_path}`\n- users: {users}\n"
-        f"- adapters: `adapters/user_<id>/` (PEFT LoRA on the global model)\n\n"
+        f"- adapters: `adapters/user_<id>/` (PEFT LoRA on the global model)\n"
+        f"- kept on the global model by the guard (adapter worse on their held-out screens, in `rejected/`): "
+        f"{summary['kept_global'] or 'none'}\n\n"
         f"Evaluate: `vltune eval grounding --model {base_path} --per_user_adapters {root} --dataset ...`\n")
     logger.info("[personalize] %d adapter(s) in %s (%.0f s)", len(users), root / "adapters", summary["total_seconds"])
     return summary
