@@ -184,7 +184,8 @@ def _three_user_rows(root: Path) -> str:
 
 def test_personalize_replays_other_users_and_the_guard_keeps_global_for_a_worse_adapter(tmp_path, tiny_path,
                                                                                      monkeypatch):
-    """--replay_users mixes that many other users' rows into the adapter's training; a user whose adapter
+    """Replay (by default: every other user of --dataset, rows of theirs without a `kind` column included)
+    mixes --replay_ratio of their rows into the adapter's training; a user whose adapter
     scores below the global model on their held-out screens keeps the global model: the adapter goes to
     rejected/, personalize.json says so, and eval grounding's personalised row answers with the global model."""
     import vltune.recipes.personalize as personalize
@@ -195,7 +196,7 @@ def test_personalize_replays_other_users_and_the_guard_keeps_global_for_a_worse_
     monkeypatch.setattr(personalize, "_click_accuracy", lambda *a: next(scores))
     out = tmp_path / "personal"
     summary = personalize.main([
-        "--base", tiny_path(), "--dataset", data, "--users", "1-2", "--replay_users", "3", "--replay_ratio", "0.5",
+        "--base", tiny_path(), "--dataset", data, "--users", "1-2", "--replay_ratio", "0.5",  # replays `others`: user 3
         "--guard_ratio", "0.2", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
         "--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false"])
     assert summary["kept_global"] == [1]
@@ -217,9 +218,9 @@ def test_personalize_replays_other_users_and_the_guard_keeps_global_for_a_worse_
     with pytest.raises(UsageError, match="--replay_users 1 overlaps"):
         personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "1-2", "--replay_users", "1",
                           "--output_dir", str(tmp_path / "o")])
-    with pytest.raises(UsageError, match="--replay_where kind=explicit: no row of --replay_users 3"):
+    with pytest.raises(UsageError, match="--replay_where user=9: no row of --replay_users 3"):
         personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "1-2", "--replay_users", "3",
-                          "--replay_where", "kind=explicit", "--output_dir", str(tmp_path / "o")])
+                          "--replay_where", "user=9", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(UsageError, match="--guard_ratio 1.5"):
         personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "1", "--guard_ratio", "1.5",
                           "--output_dir", str(tmp_path / "o")])

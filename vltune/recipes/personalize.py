@@ -51,13 +51,15 @@ class PersonalizeArguments:
                 "merged into its base in memory). Loaded once for all users."})
     min_user_samples: int = field(default=1, metadata={
         "help": "Users with fewer samples are skipped (and listed) instead of getting an adapter."})
-    replay_users: str | None = field(default=None, metadata={
-        "help": "Users whose rows of --dataset are mixed into every adapter's training (replay), e.g. the global "
-                "model's training users '11-83': the adapter learns the user's habits without drifting from "
-                "what the global model does for everyone. None: the user's own rows only."})
-    replay_where: str | None = field(default=None, metadata={
-        "help": "Replay only rows whose column has this value, COLUMN=VALUE: e.g. kind=explicit keeps the rows "
-                "every user answers alike, so other users' own habits do not pull against this user's."})
+    replay_users: str | None = field(default="others", metadata={
+        "help": "Users whose rows of --dataset are mixed into every adapter's training (replay), so the adapter "
+                "learns its user's habits without forgetting what the global model does for everyone: `others` "
+                "(every user of --dataset not in --users, e.g. the global model's training users), a list such "
+                "as '11-83', or `none` (the user's own rows only)."})
+    replay_where: str | None = field(default="kind=explicit", metadata={
+        "help": "Replay only rows whose COLUMN equals VALUE (COLUMN=VALUE; rows without that column are "
+                "replayed): kind=explicit keeps the rows every user answers alike, so other users' habits do not "
+                "pull against this user's. `none`: replay every row."})
     replay_ratio: float = field(default=1.0, metadata={
         "help": "Replayed rows per own training row of the user (with --replay_users)."})
     guard_ratio: float = field(default=0.1, metadata={
@@ -90,6 +92,43 @@ def _replay_rows(pool: list, n: int, seed: int, user: int) -> list:
     return rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
 
 
+def _replay_pool(data: DataArguments, p: PersonalizeArguments) -> list:
+    """The rows --replay_users / --replay_where pick for replay (empty when there are none)."""
+    from ..data.formats import parse_users, read_dataset
+
+    spec = (p.replay_users or "none").strip().lower()
+    if spec == "none":
+        return []
+    wanted = set(parse_users(data.users) or ())
+    if spec == "others":
+        if not wanted:  # every user of --dataset gets an adapter: nobody is left to replay
+            return []
+        rows, _ = read_dataset(data.dataset, allow_pickle=data.allow_pickle)
+        pool = [s for s in rows if "user" in s.extra and int(s.extra["user"]) not in wanted]
+    else:
+        if set(parse_users(p.replay_users) or ()) & wanted:
+            raise UsageError(f"--replay_users {p.replay_users} overlaps --users {data.users}: replay other users' "
+                             f"rows (or `others`)")
+        pool, _ = read_dataset(data.dataset, users=p.replay_users, allow_pickle=data.allow_pickle)
+    where = (p.replay_where or "none").strip()
+    if pool and where.lower() != "none":
+        column, sep, value = where.partition("=")
+        if not sep or not column:
+            raise UsageError(f"--replay_where {p.replay_where}: give COLUMN=VALUE, e.g. kind=explicit (or none)")
+        pool = [s for s in pool if column not in s.extra or str(s.extra[column]) == value]
+        if not pool:
+            raise UsageError(f"--replay_where {p.replay_where}: no row of --replay_users {p.replay_users} in "
+                             f"{data.dataset} has {column} == {value!r}")
+    if pool:
+        users = sorted({int(s.extra["user"]) for s in pool if "user" in s.extra})
+        logger.info("[personalize] replay: %d row(s) of %d other user(s)%s, %.2g per own row", len(pool),
+                    len(users), f" where {where}" if where.lower() != "none" else "", p.replay_ratio)
+    else:
+        logger.info("[personalize] replay: no other users' rows in %s (--replay_users %s): own rows only",
+                    data.dataset, p.replay_users)
+    return pool
+
+
 def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: DataArguments,
                     args: SFTTrainingArguments, p: PersonalizeArguments) -> dict:
     from ..data.formats import parse_users, read_dataset
@@ -118,22 +157,7 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
     samples, errors = read_dataset(data.dataset, users=data.users, allow_pickle=data.allow_pickle)
     for e in errors:
         logger.warning("[data] skipped unreadable record: %s", e)
-    replay_pool: list = []
-    if p.replay_users:
-        replay_ids = set(parse_users(p.replay_users) or ())
-        if replay_ids & set(parse_users(data.users) or ()):
-            raise UsageError(f"--replay_users {p.replay_users} overlaps --users {data.users}: replay other users' rows")
-        replay_pool, _ = read_dataset(data.dataset, users=p.replay_users, allow_pickle=data.allow_pickle)
-        if p.replay_where:
-            column, sep, value = p.replay_where.partition("=")
-            if not sep or not column:
-                raise UsageError(f"--replay_where {p.replay_where}: give COLUMN=VALUE, e.g. kind=explicit")
-            replay_pool = [s for s in replay_pool if str(s.extra.get(column)) == value]
-            if not replay_pool:
-                raise UsageError(f"--replay_where {p.replay_where}: no row of --replay_users {p.replay_users} in "
-                                 f"{data.dataset} has {column} == {value!r}")
-        logger.info("[personalize] replay: %d row(s) of users %s, %.2g per own row", len(replay_pool),
-                    p.replay_users, p.replay_ratio)
+    replay_pool = _replay_pool(data, p)
     by_user: dict[int, list] = defaultdict(list)
     untagged = 0
     for s in samples:
