@@ -352,17 +352,28 @@ def test_personalize_refuses_full_and_needs_users_data(tmp_path, tiny_path, grou
 
 @pytest.mark.slow
 def test_gui_agents_example_personalised_beats_global_beats_zero_shot(tmp_path):
-    """examples/gui_agents.sh end to end (~12 min on 2 quiet CPU cores): on the test users' held-out screens,
-    personalised > global > zero-shot, and the gain comes from the habit instructions (measured: habit
-    35.4% -> 46.6%, overall 61.4% -> 62.6%, zero-shot 0%; the overall margin is thin)."""
+    """examples/gui_agents.sh end to end at seed 0 (~15 min on 2 quiet CPU cores). Measured at seed 0 (README):
+    global 67.4% (explicit 86.8%, habit 39.5%), personalised 74.3% (84.2%, 60.0%), most-frequent app 81.9%.
+    The asserted margins sit below those by a few points of run-to-run noise; they are NOT issue 18's targets
+    (+10 overall, +30 habit), which no adapter setup measured so far reaches."""
     script = Path(__file__).parents[2] / "examples" / "gui_agents.sh"
-    proc = subprocess.run(["bash", str(script), str(tmp_path / "gui")], capture_output=True, text=True)
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "gui"), "0"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    setups = json.loads((tmp_path / "gui" / "eval" / "report.json").read_text())["setups"]
+    report = json.loads((tmp_path / "gui" / "eval" / "report.json").read_text())
+    setups = report["setups"]
     acc = {name: s["overall"]["click_accuracy"] for name, s in setups.items()}
-    assert acc["personalised"] > acc["global"] > acc["zero-shot"]
-    habit = {name: s["per_kind"]["habit"]["click_accuracy"] for name, s in setups.items()}
-    assert habit["personalised"] >= habit["global"] + 0.05
+    kind = {name: {k: v["click_accuracy"] for k, v in s["per_kind"].items()} for name, s in setups.items()}
+    assert acc["zero-shot"] < 0.05 < acc["global"]
+    assert acc["personalised"] >= acc["global"] + 0.04
+    assert kind["personalised"]["habit"] >= kind["global"]["habit"] + 0.12  # the gain is on habit rows...
+    assert kind["personalised"]["explicit"] >= kind["global"]["explicit"] - 0.05  # ...without losing the screen
+    assert acc["most-frequent app"] >= acc["global"] + 0.08
+    gains = report["gains"]["personalised"]
+    assert gains["min"] > -6 and gains["worse"] <= 2  # the guard keeps bad adapters out
+    personal = json.loads((tmp_path / "gui" / "personal" / "personalize.json").read_text())
+    assert all(personal["users"][str(u)]["adapter"] is None for u in personal["kept_global"])
+    steps = [line.split(":")[0] for line in (tmp_path / "gui" / "times.txt").read_text().splitlines()]
+    assert steps == ["data", "global", "personalize", "eval"]
 
 
 def test_global_model_keeps_its_training_resize(tmp_path, tiny_path):
