@@ -210,8 +210,13 @@ def test_personalize_replays_other_users_and_the_guard_keeps_global_for_a_worse_
     assert on_disk["kept_global"] == [1] and on_disk["users"]["1"]["val_accuracy_global"] == 0.75
 
     report = eval_main(["--model", tiny_path(), "--per_user_adapters", str(out), "--dataset", data, "--users", "1-2",
-                        "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "8"])
+                        "--frequent_app_baseline", data, "--output_dir", str(tmp_path / "eval"),
+                        "--max_new_tokens", "8"])
     assert report["kept_global"] == [1]
+    # no category/app columns here: the baseline has no history to use and asks every row as it was
+    assert report["frequent_app_memory"] == {} and report["setups"]["most-frequent app"]["overall"] == \
+        report["setups"]["global"]["overall"]
+    assert list(report["gains"]) == ["most-frequent app", "personalised"]
     glob, pers = report["setups"]["global"]["per_user"], report["setups"]["personalised"]["per_user"]
     assert pers["1"] == glob["1"]  # the guard's user is answered by the global model
     assert "guard" in (tmp_path / "eval" / "report.md").read_text()

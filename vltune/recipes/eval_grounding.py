@@ -145,7 +145,9 @@ def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments)
     if args.frequent_app_baseline:
         history, _ = read_dataset(args.frequent_app_baseline, users=args.users, allow_pickle=args.allow_pickle)
         asked, memory = frequent_app_instructions(history, samples)
-        logger.info("[eval] most-frequent app baseline from %s: %s", args.frequent_app_baseline, memory)
+        shown = dict(list(memory.items())[:3])
+        logger.info("[eval] most-frequent app baseline from %s, %d user(s)' histories: %s%s (all in report.json)",
+                    args.frequent_app_baseline, len(memory), shown, " ..." if len(memory) > 3 else "")
         evaluate("most-frequent app", _same_model(global_model), asked)
     kept_global = []
     if args.per_user_adapters:
