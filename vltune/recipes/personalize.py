@@ -239,7 +239,9 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
         f"- kept on the global model by the guard (adapter worse on their held-out screens, in `rejected/`): "
         f"{summary['kept_global'] or 'none'}\n\n"
         f"Evaluate: `vltune eval grounding --model {base_path} --per_user_adapters {root} --dataset ...`\n")
-    logger.info("[personalize] %d adapter(s) in %s (%.0f s)", len(users), root / "adapters", summary["total_seconds"])
+    logger.info("[personalize] %d adapter(s) in %s%s (%.0f s)", len(users) - len(summary["kept_global"]),
+                root / "adapters", f", user(s) {summary['kept_global']} kept on the global model"
+                if summary["kept_global"] else "", summary["total_seconds"])
     return summary
 
 
