@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter, defaultdict
 
 from ..coords import from_model_coords, parse_click
@@ -80,9 +81,7 @@ def user_gains(base: dict, other: dict) -> dict:
     vals = sorted(gains.values())
     if not vals:
         return {"per_user": {}, "min": None, "median": None, "max": None, "worse": 0, "n_users": 0}
-    mid = len(vals) // 2
-    median = vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
-    return {"per_user": gains, "min": vals[0], "median": median, "max": vals[-1],
+    return {"per_user": gains, "min": vals[0], "median": statistics.median(vals), "max": vals[-1],
             "worse": sum(v < 0 for v in vals), "n_users": len(vals)}
 
 

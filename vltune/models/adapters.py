@@ -61,7 +61,9 @@ def find_user_adapters(directory: str | Path) -> dict[int, Path]:
         root = root / "adapters"
     found = {int(m.group(1)): p for p in sorted(root.iterdir()) if p.is_dir() and (m := USER_DIR.match(p.name))
              and (p / "adapter_config.json").is_file()} if root.is_dir() else {}
-    if not found:
+    # a `vltune personalize` output whose guard kept every user on the global model has no adapter: that is a
+    # result, not a mistake
+    if not found and not (Path(directory) / "personalize.json").is_file():
         raise UsageError(f"--per_user_adapters {directory}: no user_<id>/adapter_config.json found there "
                          f"(give the --output_dir of `vltune personalize`)")
     return found

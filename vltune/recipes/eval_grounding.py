@@ -152,12 +152,12 @@ def run_eval_grounding(model_args: ModelArguments, args: EvalGroundingArguments)
     kept_global = []
     if args.per_user_adapters:
         kept_global = _kept_global(args.per_user_adapters)
-        bank = UserAdapters(global_model, args.per_user_adapters) if _has_adapters(args.per_user_adapters) else None
-        no_adapter = sorted({s.extra.get("user") for s in samples} - set(bank.users if bank else ()), key=str)
+        bank = UserAdapters(global_model, args.per_user_adapters)
+        no_adapter = sorted({s.extra.get("user") for s in samples} - set(bank.users), key=str)
         if no_adapter:
             logger.warning("[eval] user(s) without an adapter get the global model: %s%s", no_adapter,
                            f" (kept global by personalize's guard: {kept_global})" if kept_global else "")
-        evaluate("personalised", bank.use if bank else _same_model(global_model))
+        evaluate("personalised", bank.use)
 
     report = {"model": described, "adapters": args.adapters, "per_user_adapters": args.per_user_adapters,
               "zero_shot": args.zero_shot, "dataset": args.dataset, "users": args.users,
@@ -176,12 +176,6 @@ def _kept_global(per_user_adapters: str) -> list:
     """Users `vltune personalize`'s guard left on the global model (its personalize.json), if any."""
     summary = Path(per_user_adapters) / "personalize.json"
     return json.loads(summary.read_text()).get("kept_global", []) if summary.is_file() else []
-
-
-def _has_adapters(per_user_adapters: str) -> bool:
-    """False only for a personalize run whose guard kept the global model for every user."""
-    root = Path(per_user_adapters)
-    return not (root / "personalize.json").is_file() or any((root / "adapters").glob("user_*/adapter_config.json"))
 
 
 def _global_spec(model_args: ModelArguments, args: EvalGroundingArguments) -> str | None:
