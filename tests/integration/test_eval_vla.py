@@ -131,3 +131,74 @@ def test_action_dim_mismatch_stops_before_the_first_episode(metaworld_env, tmp_p
     assert rc == 2
     assert "outputs 7-dim actions" in err[-1] and "takes 4" in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "eval" / "eval_report.json").exists()
+
+
+def test_several_cameras_and_a_privileged_state_are_explicit(metaworld_env, tmp_path, capsys):
+    """Demos with two cameras and the goal position in the state (issue 17): a policy that reads both cameras
+    and only proprio is evaluated as such; one that reads the goal is reported PRIVILEGED; GIFs show every
+    camera side by side; asking for a state the policy cannot read is one line, exit 2."""
+    from PIL import Image
+
+    from vltune.cli import main as cli_main
+    from vltune.recipes.eval_vla import main as eval_main
+    from vltune.recipes.vla import main as vla_main
+    from vltune.vla.data import read_episodes
+    from vltune.vla.data.metaworld_demos import record_demos
+
+    data = tmp_path / "mw2"
+    meta = record_demos(["reach-v3"], str(data), episodes=2, val_episodes=0, image_size=64, hold_steps=0,
+                        cameras=("topview", "corner"), state="proprio+goal")
+    assert meta["cameras"] == ["topview", "corner"] and meta["privileged_state"]
+    ep = read_episodes(str(data))[0]
+    assert sorted(ep.images) == ["corner", "topview"] and ep.state.shape[1] == 7
+    obs = metaworld_env.reset(0)
+    np.testing.assert_allclose(ep.state[0], np.r_[obs[:4], obs[36:39]], atol=1e-6)  # demo seed 0's first frame
+
+    def policy(name, *extra):
+        return vla_main(["--dataset", str(data), "--tiny_size", "xs", "--output_dir", str(tmp_path / name),
+                         "--max_steps", "1", "--report_to", "none", "--save_strategy", "no", "--image_size", "64",
+                         "--window_size", "1", *extra]).output_dir
+
+    honest = policy("honest", "--cameras", "topview,corner", "--state_dims", "0,1,2,3")
+    privileged = policy("privileged", "--cameras", "corner")
+    common = ["--tasks", "reach-v3", "--episodes", "2", "--max_episode_steps", "4", "--image_size", "64"]
+    report = eval_main(["--policy", honest, "--output_dir", str(tmp_path / "e1"), *common])
+    assert report["cameras"] == ["topview", "corner"] and report["state"] == "proprio"
+    assert not report["privileged_state"]
+    gifs = sorted((tmp_path / "e1" / "videos").glob("*.gif"))
+    assert [g.name for g in gifs] == ["reach-v3_ep00_fail.gif"]  # 4 steps: no success; one GIF per outcome
+    assert Image.open(gifs[0]).size == (128, 64)  # both cameras side by side
+    report = eval_main(["--policy", privileged, "--output_dir", str(tmp_path / "e2"), *common])
+    assert report["cameras"] == ["corner"] and report["state"] == "proprio+goal" and report["privileged_state"]
+    assert "PRIVILEGED" in (tmp_path / "e2" / "eval_report.md").read_text()
+
+    capsys.readouterr()
+    rc = cli_main(["eval", "vla", "--policy", privileged, "--output_dir", str(tmp_path / "e3"), "--state", "proprio",
+                   *common])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "--state proprio: 4 values, the policy reads 7" in err[-1]
+    assert not (tmp_path / "e3" / "eval_report.json").exists()
+
+
+def test_mt10_benchmark_smoke(metaworld_env, tmp_path):
+    """benchmarks/vla_mt10.sh at smoke size (2 tasks, 3 demos, 20 steps, 2 episodes): the rows train, evaluate
+    and land in one results table with every task's rate, the state each row read and the script's times."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "SMOKE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "vla_mt10.sh"), str(tmp_path / "w")], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert [r["name"] for r in res["rows"]] == ["images", "no_images"]
+    for r in res["rows"]:
+        assert set(r["success"]) == {"reach-v3", "drawer-close-v3"} and r["state"] == "proprio"
+        assert not r["privileged_state"] and r["train_seconds"] > 0 and r["eval_seconds"] > 0
+    assert res["rows"][0]["cameras"] == ["topview"] and res["rows"][1]["cameras"] == []
+    assert {"demos", "train_images", "eval_images", "train_no_images", "eval_no_images"} <= set(res["times_s"])
+    md = (tmp_path / "w" / "results.md").read_text()
+    assert "| reach | drawer-close | mean |" in md and "no images" in md
+    assert list((tmp_path / "w" / "images" / "eval" / "videos").glob("reach-v3_ep*_*.gif"))

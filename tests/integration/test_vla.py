@@ -192,6 +192,44 @@ def test_no_image_ablation_sees_no_pixels(tmp_path, calvin_set):
     np.testing.assert_array_equal(a, b)
 
 
+def test_cameras_flag_picks_named_cameras_and_the_policy_reads_each(tmp_path, capsys):
+    """Three named cameras in the data (Meta-World's topview/corner/gripperPOV); --cameras picks two, in the
+    given order; each one changes the action; a camera the data lacks is one line naming what there is."""
+    from vltune.cli import main as cli_main
+    from vltune.vla.data import write_episodes
+    from vltune.vla.policy import Policy
+
+    eps = make_episodes(6, length=5, action_dim=4, wrist_camera=True, state_dim=2)
+    for ep in eps:
+        ep.images = {"topview": ep.images["static"], "corner": ep.images["gripper"],
+                     "gripperPOV": 255 - ep.images["static"]}
+    data = write_episodes(eps, str(tmp_path / "named"), fmt="calvin").rsplit("/", 1)[0]
+    auto = train(tmp_path / "auto", data, "--train_type", "frozen", steps=1)
+    assert auto.config.cameras == ["corner", "gripperPOV", "topview"]  # auto: every camera (no static one)
+    res = train(tmp_path / "two", data, "--cameras", "corner,topview", "--readout", "action+image", steps=2)
+    assert res.config.cameras == ["corner", "topview"] and res.config.image_tokens == 8  # 2 x 4 tokens at 64 px
+    policy = Policy.from_pretrained(res.output_dir)
+    frame = {c: eps[0].images[c][0] for c in eps[0].images}
+
+    def act(**swap):
+        policy.reset()
+        return policy.step({**frame, **swap}, eps[0].instruction, eps[0].state[0])
+
+    ref = act()
+    black = np.zeros_like(frame["corner"])
+    assert not np.array_equal(act(corner=black), ref) and not np.array_equal(act(topview=black), ref)
+    np.testing.assert_array_equal(act(gripperPOV=black), ref)  # not one of its cameras
+    with pytest.raises(ValueError, match=r"camera\(s\) \['topview'\] missing"):
+        policy.reset()
+        policy.step({"corner": frame["corner"]}, eps[0].instruction, eps[0].state[0])
+
+    rc = cli_main(["vla", "--dataset", data, "--tiny_size", "xs", "--output_dir", str(tmp_path / "bad"),
+                   "--max_steps", "1", "--report_to", "none", "--cameras", "topview,wrist"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in "\n".join(err)
+    assert "--cameras topview,wrist" in err[-1] and "wrist not among them" in err[-1] and "corner" in err[-1]
+
+
 # ---------------------------------------------------------------------------- normalisation
 def _stats(x):
     return compute_stats([x], "action")

@@ -85,3 +85,44 @@ def test_unknown_layout_is_named(tmp_path):
 
     with pytest.raises(UsageError, match="not a CALVIN directory"):  # the user's mistake: one line, exit 2
         detect_format(str(tmp_path))
+
+
+def _named_cameras(episodes, names=("topview", "corner", "gripperPOV")):
+    """The synthetic episodes with their two cameras renamed and a third one added (Meta-World's names)."""
+    for ep in episodes:
+        static, wrist = ep.images.pop("static"), ep.images.pop("gripper")
+        ep.images.update({names[0]: static, names[1]: wrist, names[2]: 255 - static})
+    return episodes
+
+
+@pytest.mark.parametrize("fmt", ["calvin", "lerobot"])
+def test_any_number_of_named_cameras_round_trips(tmp_path, fmt):
+    eps = _named_cameras(make_episodes(3, length=5, action_dim=4, wrist_camera=True, state_dim=7))
+    write_episodes(eps, str(tmp_path / "d"), fmt=fmt)
+    if fmt == "calvin":
+        with np.load(tmp_path / "d" / "training" / "episode_0000002.npz") as z:
+            assert {"rgb_topview", "rgb_corner", "rgb_gripperPOV"} <= set(z.files)
+    else:
+        info = json.loads((tmp_path / "d" / "meta" / "info.json").read_text())
+        assert {"observation.images.topview", "observation.images.corner", "observation.images.gripperPOV"} \
+            <= set(info["features"])
+    back = read_episodes(str(tmp_path / "d"))
+    assert sorted(back[0].images) == ["corner", "gripperPOV", "topview"]
+    _same(back, eps, image_tol=0.0 if fmt == "calvin" else 4.0)
+
+
+def test_calvin_tactile_images_are_not_a_camera(tmp_path):
+    """Real CALVIN frames carry rgb_tactile (H, W, 6): it must not be read as a camera."""
+    write_episodes(make_episodes(1, length=3, state_dim=2), str(tmp_path / "d"), fmt="calvin")
+    for f in (tmp_path / "d" / "training").glob("episode_*.npz"):
+        with np.load(f) as z:
+            frame = dict(z)
+        np.savez(f, **frame, rgb_tactile=np.zeros((16, 12, 6), np.uint8))
+    assert sorted(read_episodes(str(tmp_path / "d"))[0].images) == ["static"]
+
+
+def test_a_camera_name_that_cannot_be_a_file_name_is_refused():
+    from vltune.vla.data.episodes import Episode
+
+    with pytest.raises(ValueError, match="camera name 'top view'"):
+        Episode(instruction="x", actions=np.zeros((2, 4)), images={"top view": np.zeros((2, 8, 8, 3), np.uint8)})

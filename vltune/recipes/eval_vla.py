@@ -2,6 +2,7 @@
 
     vltune eval vla --policy out/mw --env metaworld \
         --tasks button-press-topdown-v3,drawer-open-v3,drawer-close-v3 --episodes 20 --max_episode_steps 150
+    vltune eval vla --policy out/mt10 --tasks mt10 --episodes 20 --max_episode_steps 300   # the 10 MT10 tasks
     vltune eval vla --policy out/mw --env none --latency_steps 200     # latency benchmark only
     vltune eval vla --policy_server http://127.0.0.1:8777 --tasks drawer-open-v3   # policy behind `vltune serve policy`
 
@@ -50,17 +51,26 @@ class VLAEvalArguments:
         "help": "Store every executed action in eval_report.json (to compare two runs step by step)."})
     env: str = field(default="metaworld", metadata={"help": "metaworld | none (latency benchmark only)."})
     tasks: str = field(default="button-press-topdown-v3,drawer-open-v3,drawer-close-v3", metadata={
-        "help": "Comma-separated Meta-World tasks (the instruction of each comes from vltune/vla/metaworld_env.py)."})
+        "help": "Comma-separated Meta-World tasks, or mt10 (the instruction of each comes from "
+                "vltune/vla/metaworld_env.py)."})
     episodes: int = field(default=20, metadata={"help": "Episodes per task."})
     max_episode_steps: int = field(default=150, metadata={"help": "Step budget: success must come within it."})
-    cameras: str = field(default="topview", metadata={
-        "help": "Env cameras for the policy's static[,gripper] inputs; use the ones the demos were recorded with."})
+    cameras: str = field(default="auto", metadata={
+        "help": "Meta-World cameras rendered for the policy's cameras, in the policy's order. auto = the policy's own "
+                "camera names (demos record topview, corner, ...); a policy whose cameras are the CALVIN roles "
+                "static[,gripper] gets topview[,gripperPOV]."})
+    state: str = field(default="auto", metadata={
+        "help": "The policy's state from Meta-World's observation: proprio (hand xyz + gripper) | proprio+goal "
+                "(+ the goal position: privileged, simulator-only; the report says so) | auto = the layout whose "
+                "length the policy reads (its demos' --state)."})
     image_size: int = field(default=96, metadata={"help": "Render size (the demos' size)."})
     seed_base: int = field(default=1_000_000, metadata={"help": "First evaluation seed (demo seeds start at 0)."})
     train_data: str | None = field(default=None, metadata={
         "help": "Demo directory (with metaworld_demos.json) to report how far evaluation positions are from "
                 "training ones."})
-    videos_per_task: int = field(default=2, metadata={"help": "Episodes per task saved as GIF rollouts."})
+    videos_per_task: int = field(default=1, metadata={
+        "help": "GIF rollouts saved per task and outcome: the first N successes and the first N failures "
+                "(every camera side by side)."})
     latency_steps: int = field(default=100, metadata={"help": "Steps of the latency benchmark (--env none)."})
     output_dir: str | None = field(default=None, metadata={"help": "Default: <policy>/eval."})
     threads: int = field(default=1, metadata={"help": "torch threads (1 = fair latency on a shared CPU)."})
@@ -126,15 +136,45 @@ def _training_positions(train_data: str | None, task: str) -> np.ndarray | None:
     return None if info is None else np.asarray(info["positions"], np.float32)
 
 
-def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: Path, step_ms: list[float]) -> TaskResult:
-    from ..vla.metaworld_env import STATE_DIMS, MetaWorldEnv
+ROLE_CAMERAS = {"static": "topview", "gripper": "gripperPOV"}  # CALVIN role -> Meta-World camera
 
-    cams = tuple(a.cameras.split(","))
-    roles = policy.config.cameras
-    if len(cams) < len(roles):
-        raise UsageError(f"--cameras {a.cameras}: the policy uses {len(roles)} camera(s) {roles}; pass as many "
-                         f"Meta-World cameras (e.g. --cameras {','.join(['topview', 'corner', 'gripperPOV'][:len(roles)])})")
-    env = MetaWorldEnv(task, cams[: len(roles)], a.image_size)
+
+def env_cameras(a: VLAEvalArguments, policy_cameras: list[str]) -> tuple[str, ...]:
+    """--cameras -> the Meta-World cameras rendered for the policy's cameras (same order)."""
+    if a.cameras == "auto":
+        return tuple(ROLE_CAMERAS.get(c, c) for c in policy_cameras)
+    cams = tuple(c.strip() for c in a.cameras.split(",") if c.strip())
+    if len(cams) != len(policy_cameras):
+        raise UsageError(f"--cameras {a.cameras}: the policy reads {len(policy_cameras)} camera(s) {policy_cameras}; "
+                         f"pass one Meta-World camera for each, in that order, or --cameras auto")
+    return cams
+
+
+def state_layout(a: VLAEvalArguments, config) -> str:
+    """--state -> a Meta-World state layout (vltune/vla/metaworld_env.py STATE_LAYOUTS) the policy can read."""
+    from ..vla.metaworld_env import STATE_LAYOUTS
+
+    need = max(config.state_indices) + 1 if config.state_dim else 0
+    if a.state == "auto":
+        fits = [k for k, v in STATE_LAYOUTS.items() if len(v) >= need]
+        if not fits:
+            raise UsageError(f"--policy {a.policy}: it reads {need} state values, more than any Meta-World state "
+                             f"layout ({', '.join(STATE_LAYOUTS)}); evaluate a policy trained on vltune's demos")
+        return min(fits, key=lambda k: len(STATE_LAYOUTS[k]))
+    if a.state not in STATE_LAYOUTS:
+        raise UsageError(f"--state {a.state}: choose auto or one of {', '.join(STATE_LAYOUTS)}")
+    if len(STATE_LAYOUTS[a.state]) < need:
+        raise UsageError(f"--state {a.state}: {len(STATE_LAYOUTS[a.state])} values, the policy reads {need}; "
+                         f"use the --state its demos were recorded with (or auto)")
+    return a.state
+
+
+def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: Path, step_ms: list[float],
+                  layout: str) -> TaskResult:
+    from ..vla.metaworld_env import MetaWorldEnv, state_vector
+
+    roles = list(policy.config.cameras)
+    env = MetaWorldEnv(task, env_cameras(a, roles), a.image_size)
     env_dim = int(env.env.action_space.shape[0])
     if policy.config.action_dim != env_dim:
         env.close()
@@ -143,6 +183,7 @@ def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: 
                          f"trained on Meta-World demos (python -m vltune.vla.data.metaworld_demos, then vltune vla)")
     train_pos = _training_positions(a.train_data, task)
     lengths, ok_lengths, successes, seeds, dists, actions = [], [], 0, [], [], []
+    saved = {True: 0, False: 0}  # GIFs written per outcome
     loop_s, loop_steps = 0.0, 0
     for ep in range(a.episodes):
         seed = a.seed_base + 10_000 * task_index + ep
@@ -150,15 +191,16 @@ def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: 
         if train_pos is not None and len(train_pos):
             dists.append(float(np.linalg.norm(train_pos - env.object_position(obs), axis=1).min()))
         policy.reset()
+        film = min(saved.values()) < a.videos_per_task  # an outcome still lacks its GIF: keep this episode's frames
         frames, success, steps, executed = [], False, a.max_episode_steps, []
         t_loop = time.perf_counter()
         for t in range(a.max_episode_steps):
-            rendered = env.render()
-            images = {role: rendered[cam] for role, cam in zip(roles, env.cameras)}
-            if ep < a.videos_per_task:
-                frames.append(rendered[env.cameras[0]])
+            rendered = env.render() if policy.config.use_images or film else {}
+            images = {role: rendered[cam] for role, cam in zip(roles, env.cameras)} if policy.config.use_images else {}
+            if film:
+                frames.append(np.concatenate([rendered[c] for c in env.cameras], axis=1))
             t0 = time.perf_counter()
-            action = policy.step(images, env.instruction, obs[:STATE_DIMS])
+            action = policy.step(images, env.instruction, state_vector(obs, layout))
             step_ms.append((time.perf_counter() - t0) * 1000)
             if a.record_actions:
                 executed.append([float(v) for v in action])
@@ -175,7 +217,8 @@ def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: 
         if success:
             ok_lengths.append(steps)
         seeds.append(seed)
-        if frames:
+        if frames and saved[success] < a.videos_per_task:
+            saved[success] += 1
             save_gif(frames, out / "videos" / f"{task}_ep{ep:02d}_{'success' if success else 'fail'}.gif")
     env.close()
     return TaskResult(task=task, instruction=env.instruction, episodes=a.episodes, successes=successes,
@@ -214,11 +257,20 @@ def run_eval(a: VLAEvalArguments) -> dict:
         logger.info("[latency] p50 %.1f ms, p95 %.1f ms per step, %.1f actions/s", report["latency"]["p50_ms"],
                     report["latency"]["p95_ms"], report["latency"]["actions_per_s"])
     elif a.env == "metaworld":
+        from ..vla.metaworld_env import MT10, PRIVILEGED_STATES
+
+        layout = state_layout(a, policy.config)
+        report["cameras"] = list(env_cameras(a, list(policy.config.cameras))) if policy.config.use_images else []
+        report["state"] = layout if policy.config.state_dim else "none"
+        report["privileged_state"] = bool(policy.config.state_dim) and layout in PRIVILEGED_STATES
+        if report["privileged_state"]:
+            logger.warning("[eval] state %s: the policy reads the goal position, which only the simulator knows "
+                           "(privileged; images + proprio is the honest setting)", layout)
         step_ms: list[float] = []
         results = []
         t0 = time.time()
-        for i, task in enumerate(a.tasks.split(",")):
-            r = evaluate_task(policy, task, i, a, out, step_ms)
+        for i, task in enumerate(MT10 if a.tasks == "mt10" else a.tasks.split(",")):
+            r = evaluate_task(policy, task, i, a, out, step_ms, layout)
             results.append(r)
             logger.info("[eval] %s: %d/%d successes within %d steps (%.0f%%), mean length %.1f%s", task, r.successes,
                         r.episodes, a.max_episode_steps, 100 * r.success_rate, r.mean_length,
@@ -250,7 +302,9 @@ def _markdown(r: dict) -> str:
     if "tasks" in r:
         a = r["args"]
         lines += [f"{a['episodes']} episodes per task, success within {a['max_episode_steps']} steps, held-out seeds "
-                  f"from {a['seed_base']} (fresh object positions); images {'on' if r['use_images'] else 'OFF'}.", "",
+                  f"from {a['seed_base']} (fresh object positions); images "
+                  f"{', '.join(r['cameras']) if r['use_images'] else 'OFF'}; state {r['state']}"
+                  f"{' (PRIVILEGED: the goal position only a simulator knows)' if r['privileged_state'] else ''}.", "",
                   "| task | success | mean length | mean length (successes) | nearest training position: mean (min) |",
                   "|---|---|---|---|---|"]
         for t in r["tasks"]:

@@ -31,6 +31,7 @@ import torch
 from ..args import parse_args
 from ..console import setup_logging
 from ..data.splits import split_holdout
+from ..errors import UsageError
 from ..models.config import ModelArguments, TunerArguments
 from ..models.tuners import apply_tuner, enable_gradient_checkpointing, format_summary, parameter_summary
 from ..train.run import log_preflight, open_run, resolve_resume, write_model_card
@@ -127,6 +128,25 @@ def load_episodes(data: VLADataArguments, out: Path, seed: int) -> tuple[list[Ep
     return train, val, spec
 
 
+def select_cameras(policy_args: PolicyArguments, available: list[str], source: str) -> list[str]:
+    """--cameras -> the camera names the policy reads, each checked against the data's."""
+    if policy_args.cameras == "auto":
+        if "static" in available:
+            return ["static"] + (["gripper"] if policy_args.use_gripper_camera and "gripper" in available else [])
+        cameras = available
+    else:
+        cameras = [c.strip() for c in policy_args.cameras.split(",") if c.strip()]
+        missing = [c for c in cameras if c not in available]
+        if missing or len(set(cameras)) != len(cameras):
+            raise UsageError(f"--cameras {policy_args.cameras}: {source} has cameras {', '.join(available) or 'none'}"
+                             f"{'; ' + ', '.join(missing) + ' not among them' if missing else '; a camera is repeated'}"
+                             f"; pick from those (or --cameras auto)")
+    if policy_args.use_images and not cameras:
+        raise UsageError(f"--dataset {source}: no camera images (rgb_* / observation.images.*); train with "
+                         "--use_images false for a state-only policy")
+    return cameras
+
+
 def resolve_gripper_dims(value: str, episodes: list[Episode]) -> tuple[list[int], list[list[float]]]:
     a_dim = episodes[0].actions.shape[1]
     actions = np.concatenate([e.actions for e in episodes])
@@ -216,11 +236,7 @@ def run_vla(model_args, tuner, policy_args: PolicyArguments, data: VLADataArgume
         s_dim = 0 if train_eps[0].state is None or not policy_args.use_state else train_eps[0].state.shape[1]
         state_idx = (parse_index_list(policy_args.state_dims, "--state_dims", s_dim) if s_dim else None)
         state_idx = list(range(s_dim)) if state_idx is None else state_idx
-        cameras = ["static"] + (["gripper"] if policy_args.use_gripper_camera and "gripper" in train_eps[0].images
-                                else [])
-        if policy_args.use_images and "static" not in train_eps[0].images:
-            raise ValueError(f"{source}: no static camera images (rgb_static / observation.images.*); train with "
-                             "--use_images false for a state-only policy")
+        cameras = select_cameras(policy_args, list(train_eps[0].images), source)
         config = PolicyConfig(
             backbone=spec, train_type=tuner.train_type, lora=lora, action_head=policy_args.action_head,
             head_hidden=policy_args.head_hidden, head_layers=policy_args.head_layers,

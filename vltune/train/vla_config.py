@@ -60,8 +60,13 @@ class PolicyArguments:
         "help": "Which state dimensions to use: 'all' or comma-separated indices (e.g. '0,1,2,3')."})
     use_images: bool = field(default=True, metadata={
         "help": "Give the backbone the camera images. false = the no-image ablation (instruction + state only)."})
+    cameras: str = field(default="auto", metadata={
+        "help": "Cameras the policy reads per frame, comma-separated names as in the data (Meta-World demos: "
+                "topview,corner,gripperPOV; a LeRobot dataset's observation.images.<name>; CALVIN: static,gripper). "
+                "auto = static (+ gripper, see --use_gripper_camera) when the data has CALVIN's static camera, else "
+                "every camera in the data. Each camera is one more image per frame."})
     use_gripper_camera: bool = field(default=True, metadata={
-        "help": "Use the wrist/gripper camera too when the data has one (one more image per frame)."})
+        "help": "With --cameras auto: use the wrist/gripper camera too when the data has one."})
     readout: str = field(default="action", metadata={
         "help": "What the head reads from the backbone per frame: action = the last prompt token's hidden state "
                 "(RoboVLMs' action token); action+image = that plus the final hidden states of every image token, "

@@ -29,10 +29,37 @@ INSTRUCTIONS = {
     "pick-place-v3": "pick up the puck and place it at the goal",
     "door-open-v3": "open the door",
     "window-open-v3": "slide the window open",
+    "window-close-v3": "slide the window closed",
+    "peg-insert-side-v3": "insert the peg into the hole from the side",
 }
-STATE_DIMS = 4  # obs[0:3] hand xyz, obs[3] gripper opening: what a policy that sees images may also read
+# Meta-World MT10 (the 10 tasks of the MT10 benchmark, v3 environments).
+MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
+        "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3")
+# What the policy's state vector holds, taken from Meta-World's 39-dim observation. `proprio` is what a real
+# robot knows about itself (hand xyz, gripper opening); the goal position is known only to the simulator
+# (reach-v3's target is invisible in every camera), so `proprio+goal` is privileged and named so in reports.
+STATE_LAYOUTS = {
+    "proprio": (0, 1, 2, 3),
+    "proprio+goal": (0, 1, 2, 3, 36, 37, 38),
+}
+PRIVILEGED_STATES = ("proprio+goal",)
 TRAIN_SEED_BASE = 0  # demos use seeds TRAIN_SEED_BASE + i
 EVAL_SEED_BASE = 1_000_000  # evaluation seeds: disjoint from any demo seed
+
+
+def state_vector(obs: np.ndarray, layout: str = "proprio") -> np.ndarray:
+    """The policy's state from a Meta-World observation (STATE_LAYOUTS)."""
+    if layout not in STATE_LAYOUTS:
+        raise ValueError(f"state layout {layout!r}: choose one of {', '.join(STATE_LAYOUTS)}")
+    return np.asarray(obs, np.float32)[list(STATE_LAYOUTS[layout])]
+
+
+def layout_for_length(n: int) -> str:
+    """The state layout whose vector has n dims (the layouts have distinct lengths)."""
+    for name, idx in STATE_LAYOUTS.items():
+        if len(idx) == n:
+            return name
+    raise ValueError(f"no Meta-World state layout has {n} dims ({', '.join(f'{k}: {len(v)}' for k, v in STATE_LAYOUTS.items())})")
 
 
 def setup_headless_gl() -> None:
@@ -61,12 +88,17 @@ def require_metaworld():
 
 
 def expert_policy(task: str):
-    """The scripted expert of `task` from metaworld.policies (e.g. drawer-open-v3 -> SawyerDrawerOpenV3Policy)."""
+    """The scripted expert of `task` from metaworld.policies (its ENV_POLICY_MAP: drawer-open-v3 ->
+    SawyerDrawerOpenV3Policy, peg-insert-side-v3 -> SawyerPegInsertionSideV3Policy)."""
     import metaworld.policies as policies
 
+    experts = getattr(policies, "ENV_POLICY_MAP", {})
+    if task in experts:
+        return experts[task]()
     name = "Sawyer" + "".join(p.capitalize() for p in task.replace("-v3", "").split("-")) + "V3Policy"
     if not hasattr(policies, name):
-        raise ValueError(f"no scripted expert {name} in metaworld.policies for task {task!r}")
+        raise ValueError(f"no scripted expert for task {task!r} in metaworld.policies (neither in ENV_POLICY_MAP "
+                         f"nor as {name})")
     return getattr(policies, name)()
 
 

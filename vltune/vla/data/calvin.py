@@ -1,6 +1,7 @@
 """CALVIN layout (what RoboVLMs' DiskCalvinDataset reads): one npz per frame + language windows.
 
     <split>/episode_0000123.npz     rgb_static (H,W,3) u8, rgb_gripper, rel_actions (7,), actions, robot_obs ...
+                                    (every rgb_<name> key is a camera: rgb_topview -> camera "topview")
     <split>/ep_start_end_ids.npy    (N, 2) [start, end], end inclusive
     <split>/lang_annotations/auto_lang_ann.npy   {"language": {"ann", "task", "emb"}, "info": {"indx"}}
 
@@ -23,8 +24,8 @@ import numpy as np
 from .episodes import Episode
 
 logger = logging.getLogger("vltune")
-IMAGE_KEYS = {"static": "rgb_static", "gripper": "rgb_gripper"}
-PACK_VERSION = 1
+IMAGE_PREFIX = "rgb_"  # rgb_<camera>: CALVIN's rgb_static / rgb_gripper, and any other named camera
+PACK_VERSION = 2  # 2: cameras packed as rgb_<camera>.npy, any camera name
 
 
 def _frame_file(root: Path, idx: int) -> Path:
@@ -56,9 +57,8 @@ def write(episodes: list[Episode], path: str, split: str = "training", start_ind
         start = idx
         for t in range(len(ep)):
             frame = {"rel_actions": ep.actions[t], "actions": ep.actions[t]}
-            for cam, key in IMAGE_KEYS.items():
-                if cam in ep.images:
-                    frame[key] = ep.images[cam][t]
+            for cam, frames in ep.images.items():
+                frame[IMAGE_PREFIX + cam] = frames[t]
             if ep.state is not None:
                 frame["robot_obs"] = ep.state[t]
             np.savez(_frame_file(root, idx), **frame)
@@ -115,9 +115,11 @@ def _load_frame(root: Path, idx: int, action_key: str) -> dict:
             raise KeyError(f"{f} (frame {idx}): no {action_key!r} array (keys: {', '.join(z.files)}); "
                            f"choose another with --action_key (rel_actions | actions)")
         out = {"actions": z[action_key].astype(np.float32)}
-        for cam, key in IMAGE_KEYS.items():
-            if key in z:
-                out[cam] = z[key]
+        for key in z.files:
+            if key.startswith(IMAGE_PREFIX):
+                img = z[key]
+                if img.ndim == 3 and img.shape[-1] == 3:  # CALVIN's rgb_tactile (H, W, 6) is no camera
+                    out[key] = img
         if "robot_obs" in z:
             out["state"] = z["robot_obs"].astype(np.float32)
     return out
@@ -173,7 +175,7 @@ def read(path: str, split: str = "training", action_key: str = "rel_actions", us
             raise ValueError(f"{root}: frames {s}-{e} are not contiguous in the pack (missing frame files?)")
         episodes.append(Episode(
             instruction=ann, task=task, actions=np.asarray(arrays["actions"][a:b]),
-            images={cam: arrays[cam][a:b] for cam in IMAGE_KEYS if cam in arrays},
+            images={k[len(IMAGE_PREFIX):]: v[a:b] for k, v in sorted(arrays.items()) if k.startswith(IMAGE_PREFIX)},
             state=np.asarray(arrays["state"][a:b]) if "state" in arrays else None,
             source=f"{root} frames {s}-{e}"))
     return episodes

@@ -1,7 +1,8 @@
 """The in-memory form every robot-data reader returns and every writer takes: a list of `Episode`s.
 
-Cameras are named by role: "static" (third-person / table camera) and "gripper" (wrist camera). Actions
-are raw (un-normalised) float32; which of their dimensions are gripper commands is a policy setting
+Cameras are named: "static" (third-person / table camera) and "gripper" (wrist camera) are the CALVIN roles,
+and any other name is a camera of its own (Meta-World's "topview", "corner", "gripperPOV"; a LeRobot
+dataset's `observation.images.<name>`); a policy lists the names it reads. Actions are raw (un-normalised) float32; which of their dimensions are gripper commands is a policy setting
 (`--gripper_dims`), not a property of the data.
 """
 
@@ -11,7 +12,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-CAMERAS = ("static", "gripper")
+CAMERAS = ("static", "gripper")  # CALVIN's roles (rgb_static, rgb_gripper)
+
+
+def check_camera_name(name: str, where: str) -> str:
+    """A camera name must be a plain identifier (it becomes a file or column name in every layout)."""
+    if not name or not all(ch.isalnum() or ch in "_-" for ch in name):
+        raise ValueError(f"{where}: camera name {name!r} must be letters, digits, '_' or '-'")
+    return name
 
 
 @dataclass
@@ -29,6 +37,7 @@ class Episode:
             raise ValueError(f"{self.source or 'episode'}: actions must be (T, action_dim), got {self.actions.shape}")
         n = len(self.actions)
         for cam, frames in self.images.items():
+            check_camera_name(cam, self.source or "episode")
             if len(frames) != n or frames.ndim != 4 or frames.shape[-1] != 3:
                 raise ValueError(f"{self.source or 'episode'}: camera {cam!r} has frames of shape {frames.shape}; "
                                  f"expected ({n}, H, W, 3) to match {n} actions")

@@ -5,8 +5,8 @@
     videos/<video_key>/chunk-000/file-000.mp4       episodes back to back; frame at from_timestamp + timestamp
 
 Features read: `action`, `observation.state` (optional), `observation.images.*` (video or image dtype).
-Cameras map to roles by name: a key containing wrist/gripper/hand is the gripper camera, the first other
-one the static camera. Videos are decoded with PyAV (`pip install av`). A non-"training" split is written
+Each camera is named by its key: `observation.images.top` is camera "top" (`observation.image` is "image"),
+and an episode's camera "corner" is written as `observation.images.corner`. Videos are decoded with PyAV (`pip install av`). A non-"training" split is written
 to / read from `<root>/<split>/` as a dataset of its own (LeRobot itself has no splits).
 v2.x datasets (meta/episodes.jsonl, one file per episode) are recognised and refused with a clear message.
 """
@@ -25,7 +25,11 @@ from .episodes import Episode
 logger = logging.getLogger("vltune")
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-ROLE_KEYS = {"static": "observation.images.static", "gripper": "observation.images.gripper"}
+IMAGE_PREFIX = "observation.images."
+
+
+def camera_key(camera: str) -> str:
+    return IMAGE_PREFIX + camera
 
 
 def _require_av():
@@ -79,14 +83,14 @@ def write(episodes: list[Episode], path: str, split: str = "training", fps: int 
     tasks = list(dict.fromkeys(ep.instruction for ep in episodes))
     first = episodes[0]
     a_dim = first.actions.shape[1]
-    cams = [c for c in ROLE_KEYS if c in first.images]
+    cams = list(first.images)
     features = {"action": {"dtype": "float32", "shape": [a_dim], "names": [f"a{i}" for i in range(a_dim)]}}
     if first.state is not None:
         s_dim = first.state.shape[1]
         features["observation.state"] = {"dtype": "float32", "shape": [s_dim], "names": [f"s{i}" for i in range(s_dim)]}
     for c in cams:
         h, w = first.images[c].shape[1:3]
-        features[ROLE_KEYS[c]] = {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"],
+        features[camera_key(c)] = {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"],
                                   "info": {"video.height": h, "video.width": w, "video.codec": "h264",
                                            "video.pix_fmt": "yuv420p", "video.fps": fps}}
     for k in ("timestamp",):
@@ -100,7 +104,7 @@ def write(episodes: list[Episode], path: str, split: str = "training", fps: int 
                                                 "data/file_index", "dataset_from_index", "dataset_to_index")}
     for c in cams:
         for k in ("chunk_index", "file_index", "from_timestamp", "to_timestamp"):
-            ep_rows[f"videos/{ROLE_KEYS[c]}/{k}"] = []
+            ep_rows[f"videos/{camera_key(c)}/{k}"] = []
     index = 0
     for e, ep in enumerate(episodes):
         n = len(ep)
@@ -116,7 +120,7 @@ def write(episodes: list[Episode], path: str, split: str = "training", fps: int 
                      ("data/file_index", 0), ("dataset_from_index", index), ("dataset_to_index", index + n)):
             ep_rows[k].append(v)
         for c in cams:
-            key = ROLE_KEYS[c]
+            key = camera_key(c)
             for k, v in (("chunk_index", 0), ("file_index", 0), ("from_timestamp", index / fps),
                          ("to_timestamp", (index + n) / fps)):
                 ep_rows[f"videos/{key}/{k}"].append(v)
@@ -130,7 +134,7 @@ def write(episodes: list[Episode], path: str, split: str = "training", fps: int 
     pq.write_table(pa.table({"task_index": list(range(len(tasks))), "task": tasks}), root / "meta" / "tasks.parquet")
     for c in cams:
         frames = np.concatenate([ep.images[c] for ep in episodes])
-        encode_video(frames, root / VIDEO_PATH.format(video_key=ROLE_KEYS[c], chunk_index=0, file_index=0), fps)
+        encode_video(frames, root / VIDEO_PATH.format(video_key=camera_key(c), chunk_index=0, file_index=0), fps)
     stats = {}
     for k in ("action", "observation.state"):
         if k in cols:
@@ -148,16 +152,11 @@ def write(episodes: list[Episode], path: str, split: str = "training", fps: int 
 
 
 # ---------------------------------------------------------------------------- read
-def _camera_roles(features: dict) -> dict[str, str]:
+def _cameras(features: dict) -> dict[str, str]:
+    """{camera name: feature key} for every image or video feature (observation.images.<name>, observation.image)."""
     keys = [k for k, v in features.items() if k.startswith("observation.image") and v.get("dtype") in ("video", "image")]
-    roles: dict[str, str] = {}
-    for k in keys:
-        if any(w in k.lower() for w in ("wrist", "gripper", "hand")) and "gripper" not in roles:
-            roles["gripper"] = k
-    rest = [k for k in keys if k not in roles.values()]
-    if rest:
-        roles["static"] = rest[0]
-    return roles
+    return {(k[len(IMAGE_PREFIX):] if k.startswith(IMAGE_PREFIX) else k.split(".")[-1]).replace(".", "_"): k
+            for k in keys}
 
 
 def read(path: str, split: str = "training", max_episodes: int | None = None, **_) -> list[Episode]:
@@ -185,7 +184,7 @@ def read(path: str, split: str = "training", max_episodes: int | None = None, **
         t = pq.read_table(root / "meta" / "tasks.parquet").to_pydict()
         names = t.get("task") or t.get("__index_level_0__") or []
         tasks = dict(zip(t["task_index"], names))
-    roles = _camera_roles(features)
+    cameras = _cameras(features)
     data_cache: dict[str, dict] = {}
     video_cache: dict[str, np.ndarray] = {}
     episodes = []
@@ -206,13 +205,13 @@ def read(path: str, split: str = "training", max_episodes: int | None = None, **
         state = (np.asarray([d["observation.state"][i] for i in rows], np.float32)
                  if "observation.state" in d else None)
         images = {}
-        for role, key in roles.items():
+        for cam, key in cameras.items():
             if features[key]["dtype"] == "image":
                 from io import BytesIO
 
                 from PIL import Image
 
-                images[role] = np.stack([np.asarray(Image.open(BytesIO(d[key][i]["bytes"])).convert("RGB"))
+                images[cam] = np.stack([np.asarray(Image.open(BytesIO(d[key][i]["bytes"])).convert("RGB"))
                                          for i in rows])
                 continue
             vrel = info["video_path"].format(video_key=key, chunk_index=ep[f"videos/{key}/chunk_index"],
@@ -226,7 +225,7 @@ def read(path: str, split: str = "training", max_episodes: int | None = None, **
             if start + len(rows) > len(frames):
                 raise ValueError(f"{root / vrel}: episode {e} needs frames {start}-{start + len(rows) - 1}, the video "
                                  f"has {len(frames)} (timestamps or fps in meta/info.json inconsistent?)")
-            images[role] = frames[start:start + len(rows)]
+            images[cam] = frames[start:start + len(rows)]
         instruction = tasks.get(d["task_index"][rows[0]], "") if "task_index" in d else ""
         if not instruction and ep.get("tasks"):
             instruction = ep["tasks"][0]

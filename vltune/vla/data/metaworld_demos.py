@@ -2,6 +2,7 @@
 
     python -m vltune.vla.data.metaworld_demos --tasks button-press-topdown-v3,drawer-open-v3,drawer-close-v3 \
         --episodes 50 --val_episodes 5 --out data/mw --format calvin
+    python -m vltune.vla.data.metaworld_demos --tasks mt10 --cameras topview,corner --out data/mt10
 
 Each episode uses its own seed (fresh object position: see vltune/vla/metaworld_env.py); training seeds are
 `seed_base + i`, validation seeds follow them, and `vltune eval vla` uses seeds from EVAL_SEED_BASE on, so
@@ -9,6 +10,9 @@ evaluation positions are never training positions. Executed actions get Gaussian
 xyz only) while the *clean* expert action is recorded: the demos then show how to recover from small
 drifts, which closed-loop control needs (DART-style). An episode is kept only if the expert succeeds;
 it continues `--hold_steps` steps after success so the policy also learns to stay.
+Cameras are stored under their Meta-World names (topview, corner, gripperPOV, ...: any camera of the XML).
+The state is `--state proprio` (hand xyz + gripper opening, what a real robot knows) or `proprio+goal`
+(+ the goal position: privileged, only the simulator knows it; see STATE_LAYOUTS in metaworld_env.py).
 Writes `metaworld_demos.json` (tasks, seeds, object positions, expert success) beside the data.
 """
 
@@ -22,14 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..metaworld_env import STATE_DIMS, TRAIN_SEED_BASE, MetaWorldEnv, expert_policy
+from ..metaworld_env import MT10, PRIVILEGED_STATES, STATE_LAYOUTS, TRAIN_SEED_BASE, MetaWorldEnv, expert_policy, \
+    state_vector
 from .episodes import Episode
 
 logger = logging.getLogger("vltune")
 
 
 def record_episode(env: MetaWorldEnv, expert, seed: int, max_steps: int, action_noise: float, hold_steps: int,
-                   rng: np.random.Generator) -> tuple[Episode, bool, np.ndarray]:
+                   rng: np.random.Generator, state: str = "proprio") -> tuple[Episode, bool, np.ndarray]:
     obs = env.reset(seed)
     start_pos = env.object_position(obs)
     frames = {cam: [] for cam in env.cameras}
@@ -38,7 +43,7 @@ def record_episode(env: MetaWorldEnv, expert, seed: int, max_steps: int, action_
     for _ in range(max_steps):
         for cam, img in env.render().items():
             frames[cam].append(img)
-        states.append(obs[:STATE_DIMS].astype(np.float32))
+        states.append(state_vector(obs, state))
         action = np.clip(expert.get_action(obs), -1.0, 1.0).astype(np.float32)
         actions.append(action)
         executed = action.copy()
@@ -50,8 +55,7 @@ def record_episode(env: MetaWorldEnv, expert, seed: int, max_steps: int, action_
             after += 1
             if after > hold_steps:
                 break
-    roles = ("static", "gripper")
-    images = {roles[i]: np.stack(frames[cam]) for i, cam in enumerate(env.cameras)}
+    images = {cam: np.stack(f) for cam, f in frames.items()}
     ep = Episode(instruction=env.instruction, task=env.task, actions=np.stack(actions), images=images,
                  state=np.stack(states), source=f"{env.task} seed {seed}")
     return ep, success, start_pos
@@ -59,15 +63,16 @@ def record_episode(env: MetaWorldEnv, expert, seed: int, max_steps: int, action_
 
 def record_demos(tasks: list[str], out: str, episodes: int = 50, val_episodes: int = 5, fmt: str = "calvin",
                  cameras: tuple[str, ...] = ("topview",), image_size: int = 96, seed_base: int = TRAIN_SEED_BASE,
-                 max_steps: int = 150, action_noise: float = 0.1, hold_steps: int = 5) -> dict:
+                 max_steps: int = 150, action_noise: float = 0.1, hold_steps: int = 5, state: str = "proprio") -> dict:
     from . import write_episodes
 
-    if len(cameras) > 2:
-        raise ValueError("at most two cameras: a static one and a gripper (wrist) one")
+    if state not in STATE_LAYOUTS:
+        raise ValueError(f"--state {state}: choose one of {', '.join(STATE_LAYOUTS)}")
     rng = np.random.default_rng(seed_base)
     splits: dict[str, list[Episode]] = {"training": [], "validation": []}
-    meta = {"tasks": tasks, "cameras": {"static": cameras[0], **({"gripper": cameras[1]} if len(cameras) > 1 else {})},
-            "image_size": image_size, "state": "obs[0:4] (hand xyz, gripper opening)", "action_noise": action_noise,
+    meta = {"tasks": tasks, "cameras": list(cameras), "image_size": image_size, "state": state,
+            "state_obs_indices": list(STATE_LAYOUTS[state]), "privileged_state": state in PRIVILEGED_STATES,
+            "action_noise": action_noise,
             "max_steps": max_steps, "per_task": {}}
     t0 = time.time()
     for task in tasks:
@@ -79,7 +84,7 @@ def record_demos(tasks: list[str], out: str, episodes: int = 50, val_episodes: i
         for split, n in (("training", episodes), ("validation", val_episodes)):
             kept = 0
             while kept < n:
-                ep, ok, pos = record_episode(env, expert, seed, max_steps, action_noise, hold_steps, rng)
+                ep, ok, pos = record_episode(env, expert, seed, max_steps, action_noise, hold_steps, rng, state)
                 if ok:
                     splits[split].append(ep)
                     info[f"{split}_seeds"].append(seed)
@@ -107,12 +112,16 @@ def record_demos(tasks: list[str], out: str, episodes: int = 50, val_episodes: i
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m vltune.vla.data.metaworld_demos", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="button-press-topdown-v3,drawer-open-v3,drawer-close-v3")
+    p.add_argument("--tasks", default="button-press-topdown-v3,drawer-open-v3,drawer-close-v3",
+                   help="comma-separated Meta-World tasks, or mt10 (the 10 MT10 tasks)")
     p.add_argument("--out", required=True)
     p.add_argument("--episodes", type=int, default=50, help="training episodes per task")
     p.add_argument("--val_episodes", type=int, default=5, help="validation episodes per task (for val loss)")
     p.add_argument("--format", default="calvin", choices=("calvin", "lerobot"))
-    p.add_argument("--cameras", default="topview", help="static[,gripper] camera names, e.g. topview,gripperPOV")
+    p.add_argument("--cameras", default="topview", help="Meta-World camera names, e.g. topview,corner,gripperPOV")
+    p.add_argument("--state", default="proprio", choices=tuple(STATE_LAYOUTS),
+                   help="proprio: hand xyz + gripper opening; proprio+goal: + the goal position (privileged: only a "
+                        "simulator has it)")
     p.add_argument("--image_size", type=int, default=96)
     p.add_argument("--seed_base", type=int, default=TRAIN_SEED_BASE)
     p.add_argument("--max_steps", type=int, default=150)
@@ -122,8 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     from ...console import setup_logging
 
     setup_logging()
-    return record_demos(a.tasks.split(","), a.out, a.episodes, a.val_episodes, a.format, tuple(a.cameras.split(",")),
-                        a.image_size, a.seed_base, a.max_steps, a.action_noise, a.hold_steps)
+    tasks = list(MT10) if a.tasks == "mt10" else a.tasks.split(",")
+    return record_demos(tasks, a.out, a.episodes, a.val_episodes, a.format, tuple(a.cameras.split(",")),
+                        a.image_size, a.seed_base, a.max_steps, a.action_noise, a.hold_steps, a.state)
 
 
 if __name__ == "__main__":
