@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Issue 17: one language-conditioned policy over Meta-World MT10 on a CPU, the same recipe without images, and
+# (ABLATIONS=1) the ablations that tell which knob matters. Every row is trained on the same demos with the same
+# seed and evaluated on the same held-out positions (seeds from 1,000,000; demos use 0...).
+#
+#   bash benchmarks/vla_mt10.sh [workdir]              main recipe + no-image row  (needs: pip install -e '.[vla]';
+#   ABLATIONS=1 bash benchmarks/vla_mt10.sh [workdir]  + cameras, window, chunk     apt-get install libosmesa6)
+#   SMOKE=1 bash benchmarks/vla_mt10.sh [workdir]      2 tasks, a few demos/steps/episodes (what CI runs)
+#
+# Writes <workdir>/results.md and results.json (per-task success, mean, train/eval seconds per row), each row's
+# eval/ (eval_report.{md,json}, GIFs of the first success and the first failure per task) and times.txt.
+# The demos record the state as proprio+goal; every row but one reads only proprio (--state_dims 0,1,2,3: hand
+# xyz + gripper opening), so images are how it sees the task. PRIVILEGED=1 adds the row that also reads the goal
+# position, which only a simulator knows; results.md names each row's state.
+set -euo pipefail
+W=${1:-runs/vla_mt10}
+export OMP_NUM_THREADS=1 MUJOCO_GL=${MUJOCO_GL:-osmesa} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-osmesa}
+mkdir -p "$W"
+: > "$W/times.txt"
+timed() {  # timed NAME command...: runs it, appends "NAME seconds" to times.txt
+  local name=$1 t0=$SECONDS; shift
+  "$@"
+  echo "$name $((SECONDS - t0))" >> "$W/times.txt"
+}
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  TASKS=reach-v3,drawer-close-v3 DEMOS=3 VAL=1 STEPS=20 EPISODES=2 BUDGET=30 SIZE=64 DEMO_STEPS=150
+  MODEL=(--tiny_size xs)
+else
+  TASKS=mt10 DEMOS=${DEMOS:-30} VAL=3 STEPS=${STEPS:-4000} EPISODES=${EPISODES:-20} BUDGET=${BUDGET:-300} SIZE=96
+  DEMO_STEPS=300 MODEL=()
+fi
+MAIN_CAM=${MAIN_CAM:-topview} CAMS=${CAMS:-topview,corner}
+# The cameras the rows need are rendered once; the trajectories (seeds, expert, action noise) do not depend on them.
+DEMO_CAMS=$MAIN_CAM
+[ "${ABLATIONS:-0}" = 1 ] && DEMO_CAMS=$CAMS
+D="$W/demos_${DEMO_CAMS//,/+}"
+[ -f "$D/metaworld_demos.json" ] || timed demos python -m vltune.vla.data.metaworld_demos --tasks "$TASKS" \
+  --episodes "$DEMOS" --val_episodes "$VAL" --image_size "$SIZE" --cameras "$DEMO_CAMS" --max_steps "$DEMO_STEPS" \
+  --state proprio+goal --out "$D"
+
+TRAIN=(--action_head lstm --train_type full --readout action+image --head_input_norm batch --image_aug_shift 0
+       --image_size "$SIZE" --learning_rate 1e-3 --warmup_steps 30 --max_steps "$STEPS" --seed 0
+       --per_device_train_batch_size 32 --save_steps 1000 --logging_steps 50 --save_top_k 1 "${MODEL[@]}")
+ROWS=()
+row() {  # row NAME DESCRIPTION train-flags...: train on $D, evaluate on the held-out positions, remember the row
+  local name=$1 desc=$2; shift 2
+  [ -f "$W/$name/policy_config.json" ] || timed "train_$name" vltune vla --dataset "$D" "${TRAIN[@]}" "$@" \
+    --output_dir "$W/$name"
+  [ -f "$W/$name/eval/eval_report.json" ] || timed "eval_$name" vltune eval vla --policy "$W/$name" --env metaworld \
+    --tasks "$TASKS" --episodes "$EPISODES" --max_episode_steps "$BUDGET" --image_size "$SIZE" \
+    --train_data "$D" --output_dir "$W/$name/eval"
+  ROWS+=("$name=$desc")
+}
+HONEST=(--state_dims 0,1,2,3)  # proprio only: the demos' state columns 4-6 are the simulator's goal position
+
+row images "images ($MAIN_CAM), window 1, chunk 4" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
+row no_images "no images (instruction + proprio)" --use_images false --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
+if [ "${ABLATIONS:-0}" = 1 ]; then
+  row cameras "images ($CAMS), window 1, chunk 4" --cameras "$CAMS" --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
+  row window4 "images ($MAIN_CAM), window 4, chunk 4" --cameras "$MAIN_CAM" --window_size 4 --fwd_pred_next_n 4 "${HONEST[@]}"
+  row chunk1 "images ($MAIN_CAM), window 1, chunk 1" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 1 "${HONEST[@]}"
+  row chunk8 "images ($MAIN_CAM), window 1, chunk 8" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 8 "${HONEST[@]}"
+fi
+if [ "${PRIVILEGED:-0}" = 1 ]; then
+  row privileged_goal "images ($MAIN_CAM) + the goal position (PRIVILEGED)" --cameras "$MAIN_CAM" --window_size 1 \
+    --fwd_pred_next_n 4 --state_dims all
+fi
+python benchmarks/vla_results.py "$W" "${ROWS[@]}"
