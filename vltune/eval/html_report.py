@@ -23,11 +23,13 @@ UNDRAWN = ("zero-shot",)  # its clicks are mostly unparseable or far off: its hi
 KEPT_GLOBAL = "global kept (adapter worse on the user's validation slice)"
 
 
-def _pct(v) -> str:
+def pct(v) -> str:
+    """A rate as a percentage cell ('-' when there is none); report.md uses it too."""
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def _px(v) -> str:
+def px(v) -> str:
+    """A distance in pixels as a cell ('-' when there is none)."""
     return "-" if v is None else f"{v:.1f}"
 
 
@@ -95,9 +97,9 @@ def _overall_table(report: dict, names: list[str], kinds: list[str]) -> str:
         s = report["setups"][n]
         o = s["overall"]
         per_kind = s.get("per_kind", {})
-        rows.append(f"<tr data-setup=\"{_attr(n)}\"><td>{escape(n)}</td><td>{_pct(o.get('click_accuracy'))}</td>"
-                    + "".join(f"<td>{_pct(per_kind.get(k, {}).get('click_accuracy'))}</td>" for k in kinds)
-                    + f"<td>{_px(o.get('mean_distance_px'))}</td><td>{_pct(o.get('unparseable_rate'))}</td>"
+        rows.append(f"<tr data-setup=\"{_attr(n)}\"><td>{escape(n)}</td><td>{pct(o.get('click_accuracy'))}</td>"
+                    + "".join(f"<td>{pct(per_kind.get(k, {}).get('click_accuracy'))}</td>" for k in kinds)
+                    + f"<td>{px(o.get('mean_distance_px'))}</td><td>{pct(o.get('unparseable_rate'))}</td>"
                     f"<td>{o.get('n', '-')}</td></tr>")
     return f"<table id=\"overall\">\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>"
 
@@ -115,10 +117,10 @@ def _per_user_table(report: dict, names: list[str], users: list[str]) -> str:
         per = {n: report["setups"][n].get("per_user", {}).get(u) for n in names}
         count = next((p["n"] for p in per.values() if p), "-")
         accs = {n: (p or {}).get("click_accuracy") for n, p in per.items()}
-        cells = "".join(f"<td>{_pct(accs[n])}</td>" for n in names)
+        cells = "".join(f"<td>{pct(accs[n])}</td>" for n in names)
         if gain:
-            g = None if accs[last] is None or accs["global"] is None else accs[last] - accs["global"]
-            cells += "<td class=\"gain\">" + ("-" if g is None else f"{100 * g:+.1f} pp") + "</td>"
+            g = (report.get("gains", {}).get(last) or {}).get("per_user", {}).get(u)  # eval grounding's user_gains
+            cells += "<td class=\"gain\">" + ("-" if g is None else f"{g:+.1f} pp") + "</td>"
         marked = kept is not None and u in kept
         if kept is not None:
             cells += f"<td>{escape(KEPT_GLOBAL) if marked else ''}</td>"

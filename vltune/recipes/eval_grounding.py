@@ -39,6 +39,7 @@ from pathlib import Path
 from ..args import ModelArguments, parse_args
 from ..console import setup_logging
 from ..errors import UsageError
+from ..eval.html_report import pct, px
 
 logger = logging.getLogger("vltune")
 
@@ -183,20 +184,12 @@ def _global_spec(model_args: ModelArguments, args: EvalGroundingArguments) -> st
 
 
 # ---------------------------------------------------------------------------- report
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
-def _px(v) -> str:
-    return "-" if v is None else f"{v:.1f}"
-
-
 def format_overall(report: dict) -> str:
     lines = ["| setup | click accuracy | mean distance (px) | unparseable | n |", "|---|---|---|---|---|"]
     for name, s in report["setups"].items():
         o = s["overall"]
-        lines.append(f"| {name} | {_pct(o['click_accuracy'])} | {_px(o['mean_distance_px'])} | "
-                     f"{_pct(o['unparseable_rate'])} | {o['n']} |")
+        lines.append(f"| {name} | {pct(o['click_accuracy'])} | {px(o['mean_distance_px'])} | "
+                     f"{pct(o['unparseable_rate'])} | {o['n']} |")
     return "\n".join(lines)
 
 
@@ -217,7 +210,7 @@ def write_report(out: Path, report: dict, predictions: dict, samples, plot_sampl
         md += ["## By instruction kind (click accuracy)\n", "| kind | " + " | ".join(names) + " |",
                "|---|" + "---|" * len(names)]
         for k in kinds:
-            md.append(f"| {k} | " + " | ".join(_pct(report["setups"][n]["per_kind"].get(k, {}).get("click_accuracy"))
+            md.append(f"| {k} | " + " | ".join(pct(report["setups"][n]["per_kind"].get(k, {}).get("click_accuracy"))
                                                for n in names) + " |")
         md.append("")
     for name, g in report.get("gains", {}).items():
@@ -233,7 +226,7 @@ def write_report(out: Path, report: dict, predictions: dict, samples, plot_sampl
            "|---|---|" + "---|" * len(names)]
     for u in users:
         first = report["setups"][names[0]]["per_user"][u]
-        md.append(f"| {u} | {first['n']} | " + " | ".join(_pct(report["setups"][n]["per_user"][u]["click_accuracy"])
+        md.append(f"| {u} | {first['n']} | " + " | ".join(pct(report["setups"][n]["per_user"][u]["click_accuracy"])
                                                         for n in names) + " |")
     md.append("")
     for name, records in predictions.items():
