@@ -7,6 +7,8 @@
 #   ABLATIONS=1 bash benchmarks/vla_mt10.sh [workdir]  + cameras, window, chunk     apt-get install libosmesa6)
 #   SMOKE=1 bash benchmarks/vla_mt10.sh [workdir]      2 tasks, a few demos/steps/episodes (what CI runs)
 #
+# Rows run two at a time (JOBS=2, one torch thread each: the two cores of the CI-sized machine); each row's
+# training and evaluation log is <workdir>/<row>.log.
 # Writes <workdir>/results.md and results.json (per-task success, mean, train/eval seconds per row), each row's
 # eval/ (eval_report.{md,json}, GIFs of the first success and the first failure per task) and times.txt.
 # The demos record the state as proprio+goal; every row but one reads only proprio (--state_dims 0,1,2,3: hand
@@ -16,7 +18,7 @@ set -euo pipefail
 W=${1:-runs/vla_mt10}
 export OMP_NUM_THREADS=1 MUJOCO_GL=${MUJOCO_GL:-osmesa} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-osmesa}
 mkdir -p "$W"
-: > "$W/times.txt"
+touch "$W/times.txt" && sed -i '/^wall /d' "$W/times.txt"  # a re-run keeps the times of the steps it skips
 timed() {  # timed NAME command...: runs it, appends "NAME seconds" to times.txt
   local name=$1 t0=$SECONDS; shift
   "$@"
@@ -43,13 +45,21 @@ TRAIN=(--action_head lstm --train_type full --readout action+image --head_input_
        --image_size "$SIZE" --learning_rate 1e-3 --warmup_steps 30 --max_steps "$STEPS" --seed 0
        --per_device_train_batch_size 32 --save_steps 1000 --logging_steps 50 --save_top_k 1 "${MODEL[@]}")
 ROWS=()
-row() {  # row NAME DESCRIPTION train-flags...: train on $D, evaluate on the held-out positions, remember the row
-  local name=$1 desc=$2; shift 2
+JOBS=${JOBS:-2}  # rows trained + evaluated at once, one torch thread each: one per core of a 2-core machine
+run_row() {
+  local name=$1; shift
   [ -f "$W/$name/policy_config.json" ] || timed "train_$name" vltune vla --dataset "$D" "${TRAIN[@]}" "$@" \
-    --output_dir "$W/$name"
+    --output_dir "$W/$name" > "$W/$name.log" 2>&1
   [ -f "$W/$name/eval/eval_report.json" ] || timed "eval_$name" vltune eval vla --policy "$W/$name" --env metaworld \
     --tasks "$TASKS" --episodes "$EPISODES" --max_episode_steps "$BUDGET" --image_size "$SIZE" \
-    --train_data "$D" --output_dir "$W/$name/eval"
+    --train_data "$D" --output_dir "$W/$name/eval" >> "$W/$name.log" 2>&1
+  grep -h "\[eval\] mean success" "$W/$name.log" | tail -1 || true
+}
+row() {  # row NAME DESCRIPTION train-flags...: train on $D and evaluate on the held-out positions, in the background
+  local name=$1 desc=$2; shift 2
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  echo "[mt10] row $name: $desc (log: $W/$name.log)"
+  run_row "$name" "$@" &
   ROWS+=("$name=$desc")
 }
 HONEST=(--state_dims 0,1,2,3)  # proprio only: the demos' state columns 4-6 are the simulator's goal position
@@ -66,4 +76,6 @@ if [ "${PRIVILEGED:-0}" = 1 ]; then
   row privileged_goal "images ($MAIN_CAM) + the goal position (PRIVILEGED)" --cameras "$MAIN_CAM" --window_size 1 \
     --fwd_pred_next_n 4 --state_dims all
 fi
+for pid in $(jobs -p); do wait "$pid"; done  # a row that failed stops the script here, with its log named above
+echo "wall $SECONDS" >> "$W/times.txt"
 python benchmarks/vla_results.py "$W" "${ROWS[@]}"
