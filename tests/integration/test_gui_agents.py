@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vltune.data.errors import DataError
 from vltune.data.formats import read_dataset
 from vltune.data.synthetic_gui import APP_CATEGORY, APP_LOOKS, CATEGORIES, make_gui_set
 from vltune.coords import from_model_coords, parse_click
@@ -194,12 +195,17 @@ def test_personalize_replays_other_users_and_the_guard_keeps_global_for_a_worse_
     data = _three_user_rows(tmp_path)
     scores = iter([0.75, 0.5, 0.25, 0.5])  # user 1: global 75% > adapter 50%; user 2: 25% < 50%
     monkeypatch.setattr(personalize, "_click_accuracy", lambda *a: next(scores))
+    import vltune.data.formats as formats
+    reads = []
+    read_dataset = formats.read_dataset
+    monkeypatch.setattr(formats, "read_dataset", lambda *a, **k: reads.append(a) or read_dataset(*a, **k))
     out = tmp_path / "personal"
     summary = personalize.main([
         "--base", tiny_path(), "--dataset", data, "--users", "1-2", "--replay_ratio", "0.5",  # replays `others`: user 3
         "--guard_ratio", "0.2", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
         "--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false"])
     assert summary["kept_global"] == [1]
+    assert len(reads) == 1  # the users' rows and the replayed ones come from one read of --dataset
     u1, u2 = summary["users"][1], summary["users"][2]
     assert (u1["trained_on"], u1["validation"], u1["replayed"]) == (5, 1, 2)  # 6 rows, one screen held out
     assert u1["adapter"] is None and (out / "rejected" / "user_1" / "adapter_config.json").is_file()
@@ -226,6 +232,8 @@ def test_personalize_replays_other_users_and_the_guard_keeps_global_for_a_worse_
     with pytest.raises(UsageError, match="--replay_where user=9: no row of --replay_users 3"):
         personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "1-2", "--replay_users", "3",
                           "--replay_where", "user=9", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(DataError, match="--users 9 matches no user here; its users are 1-3"):
+        personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "9", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(UsageError, match="--guard_ratio 1.5"):
         personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "1", "--guard_ratio", "1.5",
                           "--output_dir", str(tmp_path / "o")])

@@ -92,19 +92,35 @@ def _replay_rows(pool: list, n: int, seed: int, user: int) -> list:
     return rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
 
 
-def _replay_pool(data: DataArguments, p: PersonalizeArguments) -> list:
-    """The rows --replay_users / --replay_where pick for replay (empty when there are none)."""
+def _read_rows(data: DataArguments, p: PersonalizeArguments) -> tuple[list, list, list]:
+    """(the --users' rows, records that could not be read, the replay pool), reading --dataset once also when the
+    pool is every other user's rows (`--replay_users others`)."""
+    from ..data.formats import parse_users, read_dataset
+
+    spec = (p.replay_users or "none").strip().lower()
+    wanted = set(parse_users(data.users) or ())
+    if spec != "others" or not wanted:
+        samples, errors = read_dataset(data.dataset, users=data.users, allow_pickle=data.allow_pickle)
+        return samples, errors, _replay_pool(data, p)
+    rows, errors = read_dataset(data.dataset, allow_pickle=data.allow_pickle)
+    tagged = [s for s in rows if "user" in s.extra]
+    samples = [s for s in tagged if int(s.extra["user"]) in wanted]
+    if not samples:  # the filtered read raises the error that names the users --dataset holds
+        read_dataset(data.dataset, users=data.users, allow_pickle=data.allow_pickle)
+    return samples, errors, _replay_pool(data, p, [s for s in tagged if int(s.extra["user"]) not in wanted])
+
+
+def _replay_pool(data: DataArguments, p: PersonalizeArguments, others: list | None = None) -> list:
+    """The rows --replay_users / --replay_where pick for replay (empty when there are none); `others`: the rows of
+    every user but --users, already read by _read_rows (for `--replay_users others`)."""
     from ..data.formats import parse_users, read_dataset
 
     spec = (p.replay_users or "none").strip().lower()
     if spec == "none":
         return []
     wanted = set(parse_users(data.users) or ())
-    if spec == "others":
-        if not wanted:  # every user of --dataset gets an adapter: nobody is left to replay
-            return []
-        rows, _ = read_dataset(data.dataset, allow_pickle=data.allow_pickle)
-        pool = [s for s in rows if "user" in s.extra and int(s.extra["user"]) not in wanted]
+    if spec == "others":  # none without --users (every user gets an adapter) or when nobody else is in --dataset
+        pool = others or []
     else:
         if set(parse_users(p.replay_users) or ()) & wanted:
             raise UsageError(f"--replay_users {p.replay_users} overlaps --users {data.users}: replay other users' "
@@ -131,7 +147,7 @@ def _replay_pool(data: DataArguments, p: PersonalizeArguments) -> list:
 
 def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: DataArguments,
                     args: SFTTrainingArguments, p: PersonalizeArguments) -> dict:
-    from ..data.formats import parse_users, read_dataset
+    from ..data.formats import parse_users
     from ..data.splits import split_holdout_groups
     from ..models.adapters import load_global
     from ..models.load import model_family, resolve_model_path
@@ -154,10 +170,9 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
         raise UsageError(f"--guard_ratio {p.guard_ratio}: give a share of each user's rows in [0, 1), e.g. 0.1 (0: no guard)")
     if p.replay_ratio < 0:
         raise UsageError(f"--replay_ratio {p.replay_ratio}: give the replayed rows per own row, >= 0 (e.g. 1.0)")
-    samples, errors = read_dataset(data.dataset, users=data.users, allow_pickle=data.allow_pickle)
+    samples, errors, replay_pool = _read_rows(data, p)
     for e in errors:
         logger.warning("[data] skipped unreadable record: %s", e)
-    replay_pool = _replay_pool(data, p)
     by_user: dict[int, list] = defaultdict(list)
     untagged = 0
     for s in samples:
