@@ -6,6 +6,8 @@
 #   bash benchmarks/vla_mt10.sh [workdir]              main recipe + no-image row  (needs: pip install -e '.[vla]';
 #   ABLATIONS=1 bash benchmarks/vla_mt10.sh [workdir]  + cameras, window, chunk     apt-get install libosmesa6)
 #   SMOKE=1 bash benchmarks/vla_mt10.sh [workdir]      2 tasks, a few demos/steps/episodes (what CI runs)
+#   ONLY=chunk1,privileged_goal ABLATIONS=1 PRIVILEGED=1 bash benchmarks/vla_mt10.sh [workdir]
+#                                                      only the rows named (same demos, same seeds)
 #
 # Rows run two at a time (JOBS=2, one torch thread each: the two cores of the CI-sized machine); each row's
 # training and evaluation log is <workdir>/<row>.log.
@@ -35,7 +37,7 @@ fi
 MAIN_CAM=${MAIN_CAM:-topview} CAMS=${CAMS:-topview,corner}
 # The cameras the rows need are rendered once; the trajectories (seeds, expert, action noise) do not depend on them.
 DEMO_CAMS=$MAIN_CAM
-[ "${ABLATIONS:-0}" = 1 ] && DEMO_CAMS=$CAMS
+if [ "${ABLATIONS:-0}" = 1 ] && { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",cameras,"* ]]; }; then DEMO_CAMS=$CAMS; fi
 D="$W/demos_${DEMO_CAMS//,/+}"
 [ -f "$D/metaworld_demos.json" ] || timed demos python -m vltune.vla.data.metaworld_demos --tasks "$TASKS" \
   --episodes "$DEMOS" --val_episodes "$VAL" --image_size "$SIZE" --cameras "$DEMO_CAMS" --max_steps "$DEMO_STEPS" \
@@ -57,6 +59,7 @@ run_row() {
 }
 row() {  # row NAME DESCRIPTION train-flags...: train on $D and evaluate on the held-out positions, in the background
   local name=$1 desc=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
   echo "[mt10] row $name: $desc (log: $W/$name.log)"
   run_row "$name" "$@" &
@@ -77,5 +80,7 @@ if [ "${PRIVILEGED:-0}" = 1 ]; then
     --fwd_pred_next_n 4 --state_dims all
 fi
 for pid in $(jobs -p); do wait "$pid"; done  # a row that failed stops the script here, with its log named above
+[ ${#ROWS[@]} -gt 0 ] || { echo "vla_mt10.sh: ONLY=$ONLY names no row of this run; rows: images, no_images," \
+  "cameras, window4, chunk1, chunk8 (ABLATIONS=1), privileged_goal (PRIVILEGED=1)" >&2; exit 2; }
 echo "wall $SECONDS" >> "$W/times.txt"
 python benchmarks/vla_results.py "$W" "${ROWS[@]}"

@@ -203,3 +203,16 @@ def test_mt10_benchmark_smoke(metaworld_env, tmp_path):
     md = (tmp_path / "w" / "results.md").read_text()
     assert "| reach | drawer-close | mean |" in md and "no images" in md
     assert list((tmp_path / "w" / "images" / "eval" / "videos").glob("reach-v3_ep*_*.gif"))
+    # ONLY= adds a row to the finished run on the same demos (not recorded again); a name of no row is exit 2
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "vla_mt10.sh"), str(tmp_path / "w")], cwd=root,
+                          env={**env, "ONLY": "privileged_goal", "PRIVILEGED": "1"}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert [(r["name"], r["state"], r["privileged_state"]) for r in res["rows"]] == [
+        ("privileged_goal", "proprio+goal", True)]
+    assert (tmp_path / "w" / "times.txt").read_text().count("demos ") == 1
+    assert "(PRIVILEGED)" in (tmp_path / "w" / "results.md").read_text()
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "vla_mt10.sh"), str(tmp_path / "w")], cwd=root,
+                          env={**env, "ONLY": "chunk3"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "ONLY=chunk3 names no row" in proc.stderr
