@@ -178,6 +178,24 @@ def test_several_cameras_and_a_privileged_state_are_explicit(metaworld_env, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "--state proprio: 4 values, the policy reads 7" in err[-1]
     assert not (tmp_path / "e3" / "eval_report.json").exists()
+    # a misspelt task or camera: one line naming the flag and the right names, exit 2, nothing written
+    rc = cli_main(["eval", "vla", "--policy", honest, "--output_dir", str(tmp_path / "e4"), *common[2:],
+                   "--tasks", "reach,drawer-close-v3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "'reach' is not a Meta-World v3 task (did you mean reach-v3?)" in err[-1]
+    rc = cli_main(["eval", "vla", "--policy", honest, "--output_dir", str(tmp_path / "e4"), *common,
+                   "--cameras", "topview,corners"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "reach-v3 has no camera corners; its cameras are" in err[-1] and "corner," in err[-1]
+    assert not (tmp_path / "e4" / "eval_report.json").exists()
+    from vltune.vla.data.metaworld_demos import main as demos_main
+
+    with pytest.raises(SystemExit) as stop:
+        demos_main(["--tasks", "mt10", "--cameras", "top", "--out", str(tmp_path / "d")])
+    assert stop.value.code == 2 and "has no camera top" in capsys.readouterr().err
+    from vltune.vla.metaworld_env import MT10, parse_tasks
+
+    assert parse_tasks("mt10") == list(MT10) and len(parse_tasks("MT50")) == 50 and set(MT10) <= set(parse_tasks("mt50"))
 
 
 def test_mt10_benchmark_smoke(metaworld_env, tmp_path):

@@ -51,7 +51,7 @@ class VLAEvalArguments:
         "help": "Store every executed action in eval_report.json (to compare two runs step by step)."})
     env: str = field(default="metaworld", metadata={"help": "metaworld | none (latency benchmark only)."})
     tasks: str = field(default="button-press-topdown-v3,drawer-open-v3,drawer-close-v3", metadata={
-        "help": "Comma-separated Meta-World tasks, or mt10 (the instruction of each comes from "
+        "help": "Comma-separated Meta-World tasks, or mt10 / mt50 (the instruction of each comes from "
                 "vltune/vla/metaworld_env.py)."})
     episodes: int = field(default=20, metadata={"help": "Episodes per task."})
     max_episode_steps: int = field(default=150, metadata={"help": "Step budget: success must come within it."})
@@ -237,6 +237,13 @@ def run_eval(a: VLAEvalArguments) -> dict:
     if not a.policy_server and not (Path(a.policy) / "policy_config.json").is_file():
         raise UsageError(f"--policy {a.policy}: no policy_config.json there; give the --output_dir of a `vltune vla` "
                          f"run (or one of its checkpoint-N folders), or --policy_server URL of a running server")
+    if a.env not in ("metaworld", "none"):
+        raise UsageError(f"--env {a.env}: choose metaworld or none (latency benchmark only)")
+    tasks = []
+    if a.env == "metaworld":
+        from ..vla.metaworld_env import parse_tasks
+
+        tasks = parse_tasks(a.tasks)  # a misspelt task fails here, before the policy is loaded
     out = Path(a.output_dir or (Path(a.policy) / "eval" if not a.policy_server else "output/eval_server"))
     out.mkdir(parents=True, exist_ok=True)
     client = None
@@ -256,8 +263,8 @@ def run_eval(a: VLAEvalArguments) -> dict:
         report["latency"] = benchmark_latency(policy, a.latency_steps)
         logger.info("[latency] p50 %.1f ms, p95 %.1f ms per step, %.1f actions/s", report["latency"]["p50_ms"],
                     report["latency"]["p95_ms"], report["latency"]["actions_per_s"])
-    elif a.env == "metaworld":
-        from ..vla.metaworld_env import MT10, PRIVILEGED_STATES
+    else:  # metaworld
+        from ..vla.metaworld_env import PRIVILEGED_STATES
 
         layout = state_layout(a, policy.config)
         report["cameras"] = list(env_cameras(a, list(policy.config.cameras))) if policy.config.use_images else []
@@ -269,7 +276,7 @@ def run_eval(a: VLAEvalArguments) -> dict:
         step_ms: list[float] = []
         results = []
         t0 = time.time()
-        for i, task in enumerate(MT10 if a.tasks == "mt10" else a.tasks.split(",")):
+        for i, task in enumerate(tasks):
             r = evaluate_task(policy, task, i, a, out, step_ms, layout)
             results.append(r)
             logger.info("[eval] %s: %d/%d successes within %d steps (%.0f%%), mean length %.1f%s", task, r.successes,
@@ -287,8 +294,6 @@ def run_eval(a: VLAEvalArguments) -> dict:
         logger.info("[eval] mean success %.1f%% over %d tasks; latency p50 %.1f ms, p95 %.1f ms, %.1f actions/s",
                     100 * report["mean_success_rate"], len(results), report["latency"]["p50_ms"],
                     report["latency"]["p95_ms"], report["latency"]["actions_per_s"])
-    else:
-        raise ValueError(f"--env must be metaworld or none, got {a.env!r}")
     if client is not None:
         client.close()
     (out / "eval_report.json").write_text(json.dumps(report, indent=1))

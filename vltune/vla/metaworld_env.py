@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from ..errors import UsageError
+
 # Instructions per task (the policy is language-conditioned: one multi-task policy for all of them).
 INSTRUCTIONS = {
     "button-press-topdown-v3": "press the button from the top",
@@ -60,6 +62,29 @@ def layout_for_length(n: int) -> str:
         if len(idx) == n:
             return name
     raise ValueError(f"no Meta-World state layout has {n} dims ({', '.join(f'{k}: {len(v)}' for k, v in STATE_LAYOUTS.items())})")
+
+
+def parse_tasks(spec: str, flag: str = "--tasks") -> list[str]:
+    """`mt10`, `mt50` or comma-separated Meta-World task names -> the task list, every name checked."""
+    require_metaworld()
+    import metaworld.env_dict as env_dict
+
+    known = list(env_dict.ALL_V3_ENVIRONMENTS)
+    benchmarks = {"mt10": list(MT10), "mt50": known}
+    if spec.strip().lower() in benchmarks:
+        return benchmarks[spec.strip().lower()]
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    for t in tasks:
+        if t not in known:
+            import difflib
+
+            close = difflib.get_close_matches(t if t.endswith("-v3") else f"{t}-v3", known, n=1)
+            raise UsageError(f"{flag} {spec}: {t!r} is not a Meta-World v3 task"
+                             f"{f' (did you mean {close[0]}?)' if close else ''}; give names like reach-v3,push-v3, "
+                             f"or mt10 / mt50")
+    if not tasks:
+        raise UsageError(f"{flag} {spec!r}: give Meta-World task names (e.g. reach-v3,push-v3), or mt10 / mt50")
+    return tasks
 
 
 def setup_headless_gl() -> None:
@@ -133,7 +158,14 @@ class MetaWorldEnv:
         self.unwrapped.set_task(tasks[0])  # once, for the task's settings; its fixed position is then unfrozen
         self.unwrapped._freeze_rand_vec = False  # a fresh continuous position per reset ...
         self.unwrapped.seeded_rand_vec = True  # ... drawn from the env's seeded generator
-        self.renderer = mujoco.Renderer(self.unwrapped.model, image_size, image_size)
+        model = self.unwrapped.model
+        names = [model.camera(i).name for i in range(model.ncam)]
+        unknown = [c for c in self.cameras if c not in names]
+        if unknown:
+            self.env.close()
+            raise UsageError(f"--cameras {','.join(self.cameras)}: {task} has no camera {', '.join(unknown)}; its "
+                             f"cameras are {', '.join(names)}")
+        self.renderer = mujoco.Renderer(model, image_size, image_size)
         self._flags = (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION)
         self.instruction = INSTRUCTIONS.get(task, task.replace("-v3", "").replace("-", " "))
 

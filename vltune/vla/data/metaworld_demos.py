@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..metaworld_env import MT10, PRIVILEGED_STATES, STATE_LAYOUTS, TRAIN_SEED_BASE, MetaWorldEnv, expert_policy, \
-    state_vector
+from ...errors import UsageError
+from ..metaworld_env import PRIVILEGED_STATES, STATE_LAYOUTS, TRAIN_SEED_BASE, MetaWorldEnv, expert_policy, \
+    parse_tasks, state_vector
 from .episodes import Episode
 
 logger = logging.getLogger("vltune")
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m vltune.vla.data.metaworld_demos", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="button-press-topdown-v3,drawer-open-v3,drawer-close-v3",
-                   help="comma-separated Meta-World tasks, or mt10 (the 10 MT10 tasks)")
+                   help="comma-separated Meta-World tasks, or mt10 / mt50 (the 10 / 50 tasks of those benchmarks)")
     p.add_argument("--out", required=True)
     p.add_argument("--episodes", type=int, default=50, help="training episodes per task")
     p.add_argument("--val_episodes", type=int, default=5, help="validation episodes per task (for val loss)")
@@ -131,9 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
     from ...console import setup_logging
 
     setup_logging()
-    tasks = list(MT10) if a.tasks == "mt10" else a.tasks.split(",")
-    return record_demos(tasks, a.out, a.episodes, a.val_episodes, a.format, tuple(a.cameras.split(",")),
-                        a.image_size, a.seed_base, a.max_steps, a.action_noise, a.hold_steps, a.state)
+    try:  # a wrong task or camera name: argparse's one-line error and status 2
+        return record_demos(parse_tasks(a.tasks), a.out, a.episodes, a.val_episodes, a.format,
+                            tuple(c.strip() for c in a.cameras.split(",") if c.strip()), a.image_size, a.seed_base,
+                            a.max_steps, a.action_noise, a.hold_steps, a.state)
+    except UsageError as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":
