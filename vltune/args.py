@@ -9,6 +9,7 @@ the seeds' scripts (`--tuner_type`, `--use_flash_attention`, `--use_wandb`,
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -277,7 +278,8 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     Hardware-dependent defaults (bf16/fp16, use_cpu) are set from the machine unless given.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(dataclass_types, prog=prog, description=description, allow_abbrev=False)
+    parser = _Parser(dataclass_types, prog=prog, description=description, allow_abbrev=False,
+                     formatter_class=_HelpFormatter)
     parser.add_argument("--config", type=str, default=None, help="A YAML or JSON file of arguments; "
                         "command-line arguments override it.")
     known = {f.name for t in dataclass_types for f in fields(t)}
@@ -321,6 +323,11 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     objs = tuple(p for p in parsed if not isinstance(p, type(pre)))
     check_values(objs)  # flag values, before any data is read or weight loaded
     return objs
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: the command's docstring as written (its example command lines stay one per line), each flag with
+    its default."""
 
 
 class _Parser(HfArgumentParser):

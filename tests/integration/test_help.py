@@ -42,6 +42,21 @@ def test_help_lists_arguments(argv, capsys):
     assert "--config" in _help(capsys, argv)  # the argument list, not only the usage line
 
 
+@pytest.mark.parametrize("command", [c[0] for c in PARSERS if len(c) == 1])
+def test_help_shows_the_docstring_as_written(command, capsys):
+    """The command's docstring is its --help description, line for line: example command lines (and their
+    backslash continuations) are not reflowed into one paragraph."""
+    import importlib
+
+    out = _help(capsys, [command]).splitlines()
+    doc = importlib.import_module(COMMANDS[command][0]).__doc__ or ""
+    examples = [line for line in doc.splitlines() if line.startswith(f"    vltune {command} ")]
+    if not examples:
+        pytest.skip(f"vltune {command}'s docstring has no example command line")
+    for line in examples:
+        assert line in out, f"vltune {command} --help reflowed the example {line!r}"
+
+
 def _vltune_help_texts() -> dict[str, str]:
     """The help text of every argument vltune itself defines (transformers' own are not ours to edit)."""
     import dataclasses

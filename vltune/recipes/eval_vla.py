@@ -1,6 +1,6 @@
 """vltune eval vla: closed-loop success of a policy in simulation, rollout videos, and step latency.
 
-    vltune eval vla --policy out/mw --env metaworld \
+    vltune eval vla --policy out/mw --env metaworld \\
         --tasks button-press-topdown-v3,drawer-open-v3,drawer-close-v3 --episodes 20 --max_episode_steps 150
     vltune eval vla --policy out/mt10 --tasks mt10 --episodes 20 --max_episode_steps 300   # the 10 MT10 tasks
     vltune eval vla --policy out/mw --env none --latency_steps 200     # latency benchmark only

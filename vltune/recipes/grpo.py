@@ -1,9 +1,9 @@
 """vltune grpo: GRPO reinforcement learning of a vision-language model on TRL's GRPOTrainer.
 
-    vltune grpo --model Qwen/Qwen2.5-VL-3B-Instruct --dataset grounding.jsonl --train_type lora \
-        --reward_funcs click format --reward_weights 1 0.2 --format_pattern 'click\\(\\d+, \\d+\\)' \
+    vltune grpo --model Qwen/Qwen2.5-VL-3B-Instruct --dataset grounding.jsonl --train_type lora \\
+        --reward_funcs click format --reward_weights 1 0.2 --format_pattern 'click\\(\\d+, \\d+\\)' \\
         --num_generations 8 --max_completion_length 32 --num_iterations 200 --output_dir out/grpo
-    vltune grpo --reward_funcs clip_sd3 --sd_model stabilityai/stable-diffusion-3-medium-diffusers \
+    vltune grpo --reward_funcs clip_sd3 --sd_model stabilityai/stable-diffusion-3-medium-diffusers \\
         --clip_model openai/clip-vit-large-patch14 --dataset prompts.jsonl ...     # seeds/05
     vltune grpo --reward_funcs my_reward --external_plugins my_rewards.py ...     # your own reward
     vltune grpo --num_iterations 5 --max_completion_length 16     # offline: tiny model + demo data + click

@@ -1,6 +1,6 @@
 """vltune infer: answer prompts with a model (+ a LoRA adapter), one image or a whole data set.
 
-    vltune infer --model Qwen/Qwen3-VL-8B-Instruct --adapters out/global_lora --image screen.png \
+    vltune infer --model Qwen/Qwen3-VL-8B-Instruct --adapters out/global_lora --image screen.png \\
         --prompt "Tap the settings icon"                       # prints the answer
     vltune infer --adapters out/global_lora --dataset test.jsonl --result_path preds.jsonl --batch_size 16
     vltune infer --image a.png --image b.png --prompt "<image>before <image>after: what changed?"

@@ -1,6 +1,6 @@
 """vltune vla: train a vision-language-action policy the RoboVLMs way (VLM backbone + action head).
 
-    vltune vla --dataset data/task_D_D --model Qwen/Qwen2.5-VL-3B-Instruct --action_head lstm \
+    vltune vla --dataset data/task_D_D --model Qwen/Qwen2.5-VL-3B-Instruct --action_head lstm \\
         --window_size 8 --fwd_pred_next_n 10 --train_type lora --output_dir out/calvin
     vltune vla --config finetune_kosmos_cont-lstm-post_full-ft_text_vision_wd-0_ws-8_act-10.json   # RoboVLMs JSON
     vltune vla --dataset data/mw --max_steps 3000 --train_seconds 1200 --output_dir out/mw       # Meta-World demos

@@ -1,6 +1,6 @@
 """Record scripted Meta-World expert demos (metaworld.policies) with rendered cameras and an instruction.
 
-    python -m vltune.vla.data.metaworld_demos --tasks button-press-topdown-v3,drawer-open-v3,drawer-close-v3 \
+    python -m vltune.vla.data.metaworld_demos --tasks button-press-topdown-v3,drawer-open-v3,drawer-close-v3 \\
         --episodes 50 --val_episodes 5 --out data/mw --format calvin
     python -m vltune.vla.data.metaworld_demos --tasks mt10 --cameras topview,corner --out data/mt10
 
