@@ -31,10 +31,10 @@ if [ "${SMOKE:-0}" = 1 ]; then
   TASKS=reach-v3,drawer-close-v3 DEMOS=3 VAL=1 STEPS=20 EPISODES=2 BUDGET=30 SIZE=64 DEMO_STEPS=150
   MODEL=(--tiny_size xs)
 else
-  TASKS=mt10 DEMOS=${DEMOS:-30} VAL=3 STEPS=${STEPS:-4000} EPISODES=${EPISODES:-20} BUDGET=${BUDGET:-300} SIZE=96
+  TASKS=mt10 DEMOS=${DEMOS:-30} VAL=3 STEPS=${STEPS:-8000} EPISODES=${EPISODES:-20} BUDGET=${BUDGET:-300} SIZE=96
   DEMO_STEPS=300 MODEL=()
 fi
-MAIN_CAM=${MAIN_CAM:-topview} CAMS=${CAMS:-topview,corner}
+MAIN_CAM=${MAIN_CAM:-corner} CAMS=${CAMS:-corner,topview}
 # The cameras the rows need are rendered once; the trajectories (seeds, expert, action noise) do not depend on them.
 DEMO_CAMS=$MAIN_CAM
 if [ "${ABLATIONS:-0}" = 1 ] && { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",cameras,"* ]]; }; then DEMO_CAMS=$CAMS; fi

@@ -215,7 +215,7 @@ def test_mt10_benchmark_smoke(metaworld_env, tmp_path):
     for r in res["rows"]:
         assert set(r["success"]) == {"reach-v3", "drawer-close-v3"} and r["state"] == "proprio"
         assert not r["privileged_state"] and r["train_seconds"] > 0 and r["eval_seconds"] > 0
-    assert res["rows"][0]["cameras"] == ["topview"] and res["rows"][1]["cameras"] == []
+    assert res["rows"][0]["cameras"] == ["corner"] and res["rows"][1]["cameras"] == []
     assert {"demos", "train_images", "eval_images", "train_no_images", "eval_no_images"} <= set(res["times_s"])
     assert 0 < res["wall_s"] <= res["steps_sum_s"] + 60  # the two rows ran side by side
     md = (tmp_path / "w" / "results.md").read_text()
