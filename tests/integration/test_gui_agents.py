@@ -173,6 +173,40 @@ def test_personalize_loads_the_global_model_once_and_writes_one_adapter_per_user
     assert summary["kept_global"] == []
 
 
+def test_personalize_workers_train_the_same_adapters_side_by_side(personalised, tmp_path, monkeypatch):
+    """--workers 2: two processes, one user each, merged into one output dir that eval/infer/serve read as usual;
+    each adapter equals the one the single process trained (training is seeded per user)."""
+    from safetensors.torch import load_file
+
+    from vltune.recipes.personalize import main as personalize_main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the fixture trained on one thread
+    out = tmp_path / "out"
+    summary = personalize_main([
+        "--base", str(personalised["summary"]["base"]), "--dataset", personalised["data"], "--users", "1-4",
+        "--output_dir", str(out), "--workers", "2",
+        "--max_steps", "120", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+        "--lora_dropout", "0", "--per_device_train_batch_size", "2", "--report_to", "none",
+        "--save_strategy", "no", "--logging_steps", "40", "--gradient_checkpointing", "false"])
+    assert summary["workers"] == 2 and summary["skipped_users"] == [3, 4]
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["user_1", "user_2"]
+    assert sorted(p.name for p in (out / "workers").iterdir()) == ["worker_0.log", "worker_1.log"]
+    on_disk = json.loads((out / "personalize.json").read_text())
+    single = json.loads((personalised["out"] / "personalize.json").read_text())
+    for user in ("1", "2"):
+        rec = on_disk["users"][user]
+        assert rec["adapter"] == str(out / "adapters" / f"user_{user}")
+        for key in ("trained_on", "validation", "replayed", "steps", "val_accuracy_global", "val_accuracy_adapter"):
+            assert rec[key] == single["users"][user][key], key
+        mine = load_file(out / "adapters" / f"user_{user}" / "adapter_model.safetensors")
+        theirs = load_file(personalised["out"] / "adapters" / f"user_{user}" / "adapter_model.safetensors")
+        assert mine.keys() == theirs.keys()
+        assert all(torch.allclose(mine[k], theirs[k], atol=1e-6) for k in mine)
+    with pytest.raises(UsageError, match="--workers 0"):
+        personalize_main(["--base", str(personalised["summary"]["base"]), "--dataset", personalised["data"],
+                          "--users", "1-2", "--workers", "0", "--output_dir", str(tmp_path / "o")])
+
+
 def _three_user_rows(root: Path) -> str:
     from vltune.data.synthetic import make_grounding_set
 

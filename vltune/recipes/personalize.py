@@ -3,6 +3,7 @@
     vltune personalize --base out/global --dataset data/gui/train.jsonl --users 1-10 --output_dir out/personal
     vltune personalize --base out/global_lora --dataset data/gui/train --allow_pickle true --users 1-10 ...
     vltune personalize --config examples/gui_agent_personalize.yaml
+    vltune personalize --base out/global --dataset data/gui/train.jsonl --users 1-10 --workers 2 --output_dir out/personal
 
 The global model (`--base`: the --output_dir of `vltune sft`, full weights or a LoRA adapter, which is merged
 in memory) is loaded once; then, for each user of --users, a fresh LoRA adapter is trained on that user's
@@ -18,9 +19,12 @@ Two guards against an adapter that forgets the screen while it learns the user:
           goes to rejected/user_<id>/ and personalize.json lists the user under kept_global.
 `examples/gui_agents.sh` uses both; the README gives the measurements that chose them.
 
+--workers N trains N users at a time, in N processes that each load the global model once (one per CPU core,
+or one per GPU); every adapter is the one a single process would train, and the output is the same.
+
 Writes: adapters/user_<id>/ (adapter, processor, args.json, train.log, loss.png per user), rejected/,
 personalize.json (per user: samples, rows trained on / replayed / held out, both held-out scores, steps,
-final loss, seconds; kept_global) and README.md.
+final loss, seconds; kept_global) and README.md; with --workers, workers/worker_<k>.log.
 Use them with `vltune eval grounding --model <base> --per_user_adapters <output_dir>` and
 `vltune infer --model <base> --per_user_adapters <output_dir> --dataset ...` (each row goes to its user's adapter).
 """
@@ -29,7 +33,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -67,6 +74,12 @@ class PersonalizeArguments:
                 "model and the new adapter are both scored there (click accuracy), and a user whose adapter "
                 "scores below the global model keeps the global model (the adapter goes to rejected/, "
                 "personalize.json lists the user under kept_global). 0 turns the guard off."})
+    workers: int = field(default=1, metadata={
+        "help": "Processes that train adapters side by side, each loading the global model once and taking every "
+                "N-th user of --users: on a CPU machine one per core (each gets cores/N torch threads unless "
+                "OMP_NUM_THREADS is set), on a machine with several GPUs one per GPU (CUDA_VISIBLE_DEVICES is set "
+                "per worker). Every user's adapter is the one a single process trains; adapters/, rejected/ and "
+                "personalize.json are merged into --output_dir, each worker's log kept in workers/."})
 
 
 def _weights_checksum(model: torch.nn.Module) -> float:
@@ -164,7 +177,8 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
 
     root = Path(args.output_dir)
     # Checked once for the whole run; each user's directory under adapters/ is then new (or cleared with it).
-    claim_output_dir(root, args.resume_from_checkpoint, args.overwrite_output_dir, extra=("personalize.json", "adapters", "rejected"))
+    claim_output_dir(root, args.resume_from_checkpoint, args.overwrite_output_dir,
+                     extra=("personalize.json", "adapters", "rejected", "workers"))
     root.mkdir(parents=True, exist_ok=True)
     if not 0 <= p.guard_ratio < 1:
         raise UsageError(f"--guard_ratio {p.guard_ratio}: give a share of each user's rows in [0, 1), e.g. 0.1 (0: no guard)")
@@ -194,6 +208,12 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
                        [u for u in missing if u in by_user], p.min_user_samples)
     if not users:
         raise UsageError(f"vltune personalize: no user of --users {data.users} has samples in {data.dataset}")
+
+    if p.workers < 1:
+        raise UsageError(f"--workers {p.workers}: give the number of processes that train adapters, >= 1")
+    if p.workers > 1 and len(users) > 1:
+        dump_config((model_args, tuner, data, args, p), root / "args.json")
+        return _run_workers(root, users, missing, p, replay_pool)
 
     t0 = time.time()
     model, processor, described = load_global(model_args, p.base)
@@ -247,17 +267,91 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
         record["seconds"] = round(time.time() - t_user, 1)
         summary["users"][user] = record
     summary["total_seconds"] = round(time.time() - t0, 1)
+    return _finish(root, summary, users)
+
+
+def _finish(root: Path, summary: dict, users: list) -> dict:
+    """Write personalize.json and the output README, log the closing line; return the summary."""
     (root / "personalize.json").write_text(json.dumps(summary, indent=2))
     (root / "README.md").write_text(
-        f"# vltune personalize output\n\n- global model: `{base_path}`\n- users: {users}\n"
+        f"# vltune personalize output\n\n- global model: `{summary['base']}`\n- users: {users}\n"
         f"- adapters: `adapters/user_<id>/` (PEFT LoRA on the global model)\n"
         f"- kept on the global model by the guard (adapter worse on their held-out screens, in `rejected/`): "
         f"{summary['kept_global'] or 'none'}\n\n"
-        f"Evaluate: `vltune eval grounding --model {base_path} --per_user_adapters {root} --dataset ...`\n")
+        f"Evaluate: `vltune eval grounding --model {summary['base']} --per_user_adapters {root} --dataset ...`\n")
     logger.info("[personalize] %d adapter(s) in %s%s (%.0f s)", len(users) - len(summary["kept_global"]),
                 root / "adapters", f", user(s) {summary['kept_global']} kept on the global model"
                 if summary["kept_global"] else "", summary["total_seconds"])
     return summary
+
+
+def _worker_env(k: int, workers: int) -> dict:
+    """Worker k's environment: its share of the CPU threads (unless OMP_NUM_THREADS is set) and, with several
+    GPUs, one of them."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env["CUDA_VISIBLE_DEVICES"] = ids[k % len(ids)]
+    return env
+
+
+def _run_workers(root: Path, users: list, skipped: list, p: PersonalizeArguments, replay_pool: list) -> dict:
+    """--workers N: N `vltune personalize` processes, worker k on users[k::N], each into workers/worker_<k>/ with
+    the resolved arguments of this run (args.json); then their adapters, rejected/ and summaries are merged here.
+    Training, the guard and the seeds are per user, so an adapter does not depend on which worker trained it."""
+    t0 = time.time()
+    shards = [users[k::p.workers] for k in range(p.workers) if users[k::p.workers]]
+    # `others` means every user but the whole --users, not but a worker's share: name them for the workers
+    replay = p.replay_users or "none"
+    if replay.strip().lower() == "others":
+        replay = ",".join(str(u) for u in sorted({int(s.extra["user"]) for s in replay_pool})) or "none"
+    wdir = root / "workers"
+    shutil.rmtree(wdir, ignore_errors=True)
+    wdir.mkdir()
+    procs = []
+    for k, shard in enumerate(shards):
+        log = wdir / f"worker_{k}.log"
+        cmd = [sys.executable, "-m", "vltune", "personalize", "--config", str(root / "args.json"),
+               "--users", ",".join(map(str, shard)), "--replay_users", replay, "--workers", "1", "--output_dir", str(wdir / f"worker_{k}")]
+        with open(log, "w") as f:
+            procs.append((k, shard, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                          env=_worker_env(k, len(shards)))))
+        logger.info("[personalize] worker %d: user(s) %s (log: %s)", k, shard, log)
+    failed = []
+    for k, shard, log, proc in procs:
+        if proc.wait() != 0:
+            failed.append((k, log))
+        else:
+            logger.info("[personalize] worker %d done (%.0f s)", k, time.time() - t0)
+    if failed:
+        tail = "\n".join(failed[0][1].read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"personalize worker(s) {[k for k, _ in failed]} failed (logs: "
+                           f"{', '.join(str(log) for _, log in failed)}); the end of worker {failed[0][0]}'s:\n{tail}")
+    summary: dict = {"base": None, "users": {}, "skipped_users": skipped, "kept_global": [], "workers": len(shards)}
+    for k, _shard, _log, _proc in procs:
+        part_dir = wdir / f"worker_{k}"
+        part = json.loads((part_dir / "personalize.json").read_text())
+        summary["base"] = part["base"]
+        for sub in ("adapters", "rejected"):
+            if (part_dir / sub).is_dir():
+                (root / sub).mkdir(exist_ok=True)
+                for d in sorted((part_dir / sub).iterdir()):
+                    shutil.rmtree(root / sub / d.name, ignore_errors=True)
+                    shutil.move(str(d), str(root / sub / d.name))
+        for user, record in part["users"].items():
+            for key in ("adapter", "rejected_adapter"):
+                if record.get(key):
+                    record[key] = str(root / Path(record[key]).parent.name / Path(record[key]).name)
+            summary["users"][user] = record
+        summary["kept_global"] += part["kept_global"]
+        shutil.rmtree(part_dir)
+    summary["users"] = {u: summary["users"][str(u)] for u in users}
+    summary["kept_global"] = sorted(summary["kept_global"])
+    summary["total_seconds"] = round(time.time() - t0, 1)
+    return _finish(root, summary, users)
 
 
 def main(argv: list[str] | None = None) -> dict:
