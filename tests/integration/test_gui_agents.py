@@ -399,10 +399,10 @@ def test_personalize_refuses_full_and_needs_users_data(tmp_path, tiny_path, grou
 
 @pytest.mark.slow
 def test_gui_agents_example_personalised_beats_global_beats_zero_shot(tmp_path):
-    """examples/gui_agents.sh end to end at seed 0 (~15 min on 2 quiet CPU cores). Measured at seed 0 (README):
-    global 67.4% (explicit 86.8%, habit 39.5%), personalised 74.3% (84.2%, 60.0%), most-frequent app 81.9%.
-    The asserted margins sit below those by a few points of run-to-run noise; they are NOT issue 18's targets
-    (+10 overall, +30 habit), which no adapter setup measured so far reaches."""
+    """examples/gui_agents.sh end to end at seed 0 (~25 min on 2 quiet CPU cores). Measured at seed 0 (README):
+    global 62.7% (explicit 77.6%, habit 41.2%), personalised 71.6% (80.3%, 59.0%), most-frequent app 69.9%,
+    no user worse than global. The asserted margins sit below those by a few points of run-to-run noise; they
+    are NOT issue 18's targets (+10 overall, +30 habit), which no setup measured so far reaches."""
     script = Path(__file__).parents[2] / "examples" / "gui_agents.sh"
     proc = subprocess.run(["bash", str(script), str(tmp_path / "gui"), "0"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -411,10 +411,10 @@ def test_gui_agents_example_personalised_beats_global_beats_zero_shot(tmp_path):
     acc = {name: s["overall"]["click_accuracy"] for name, s in setups.items()}
     kind = {name: {k: v["click_accuracy"] for k, v in s["per_kind"].items()} for name, s in setups.items()}
     assert acc["zero-shot"] < 0.05 < acc["global"]
-    assert acc["personalised"] >= acc["global"] + 0.04
+    assert acc["personalised"] >= acc["global"] + 0.05
     assert kind["personalised"]["habit"] >= kind["global"]["habit"] + 0.12  # the gain is on habit rows...
-    assert kind["personalised"]["explicit"] >= kind["global"]["explicit"] - 0.05  # ...without losing the screen
-    assert acc["most-frequent app"] >= acc["global"] + 0.08
+    assert kind["personalised"]["explicit"] >= kind["global"]["explicit"] - 0.03  # ...without losing the screen
+    assert acc["most-frequent app"] >= acc["global"] + 0.04
     gains = report["gains"]["personalised"]
     assert gains["min"] > -6 and gains["worse"] <= 2  # the guard keeps bad adapters out
     personal = json.loads((tmp_path / "gui" / "personal" / "personalize.json").read_text())
