@@ -182,6 +182,8 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
     root.mkdir(parents=True, exist_ok=True)
     if not 0 <= p.guard_ratio < 1:
         raise UsageError(f"--guard_ratio {p.guard_ratio}: give a share of each user's rows in [0, 1), e.g. 0.1 (0: no guard)")
+    if p.workers < 1:
+        raise UsageError(f"--workers {p.workers}: give the number of processes that train adapters, >= 1")
     if p.replay_ratio < 0:
         raise UsageError(f"--replay_ratio {p.replay_ratio}: give the replayed rows per own row, >= 0 (e.g. 1.0)")
     samples, errors, replay_pool = _read_rows(data, p)
@@ -209,8 +211,6 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: Dat
     if not users:
         raise UsageError(f"vltune personalize: no user of --users {data.users} has samples in {data.dataset}")
 
-    if p.workers < 1:
-        raise UsageError(f"--workers {p.workers}: give the number of processes that train adapters, >= 1")
     if p.workers > 1 and len(users) > 1:
         dump_config((model_args, tuner, data, args, p), root / "args.json")
         return _run_workers(root, users, missing, p, replay_pool)
