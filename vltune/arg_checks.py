@@ -4,7 +4,8 @@ the flag, what was wrong and the fix.
 
 Checks go by field name, so they apply to every command that has the field:
 - a field whose metadata lists `choices` must hold one of them (also when the value came from --config);
-- numbers that must be positive (`lora_rank`, `lora_alpha`, `max_length`, ...) or in a range (`lora_dropout`);
+- numbers that must be positive (`lora_rank`, `lora_alpha`, `max_length`, ...), at least 0 (`image_cache_mb`) or
+  in a range (`lora_dropout`);
 - `--users` / `--test_users` must parse as user ids ('11-83', '1,3,5-7');
 - `--model` given as a local path must exist (a hub id is left to from_pretrained).
 Data paths are checked where the data is read (vltune.data.formats, before any weight is loaded): a config
@@ -22,6 +23,7 @@ from .errors import UsageError
 
 POSITIVE = ("lora_rank", "lora_alpha", "max_length", "num_samples", "max_new_tokens", "num_generations",
             "max_completion_length", "samples_per_user", "test_per_user", "max_pixels", "min_pixels")
+NON_NEGATIVE = {"image_cache_mb": "0 turns the cache off"}
 FRACTION = {"lora_dropout": (0.0, 1.0, "in [0, 1)")}
 USER_FIELDS = ("users", "test_users")
 MODEL_FIELDS = ("model", "base", "zero_shot")
@@ -68,6 +70,8 @@ def check_values(objs: tuple) -> None:
                 raise UsageError(f"--{f.name} {value}: not a valid value; choose one of {', '.join(map(str, choices))}")
             if f.name in POSITIVE and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
                 raise UsageError(f"--{f.name} {value}: must be a positive number")
+            if f.name in NON_NEGATIVE and isinstance(value, (int, float)) and value < 0:
+                raise UsageError(f"--{f.name} {value}: must be 0 or more ({NON_NEGATIVE[f.name]})")
             if f.name in FRACTION and isinstance(value, (int, float)):
                 lo, hi, text = FRACTION[f.name]
                 if not lo <= value < hi:

@@ -114,6 +114,11 @@ class SFTTrainingArguments(RunSafetyArguments, TrainingArguments):
         "help": "tensorboard | wandb | swanlab | none (several allowed)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for the collator."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
+    image_cache_mb: float = field(default=1024, metadata={
+        "help": "MiB of decoded training images kept in memory per process (and per DataLoader worker), least "
+                "recently used out first; 0: off. A cached image file is read and decoded once per run instead of "
+                "once per epoch, and stored at the size the processor resizes it to where that gives the "
+                "processor the same pixels (Qwen-VL, checked on the first image)."})
     wandb_project: str | None = field(default=None, metadata={"help": "W&B project (sets WANDB_PROJECT)."})
 
 

@@ -60,6 +60,7 @@ def _one_line(capsys, argv, *needles, exactly_one=True):
     (["vla", "--train_type", "lorax"], ["--train_type", "frozen"]),
     (["vla", "--action_head", "foo"], ["--action_head", "lstm"]),
     (["sft", "--max_pixels", "-1"], ["--max_pixels -1", "positive"]),
+    (["personalize", "--image_cache_mb", "-5"], ["--image_cache_mb -5", "0 or more", "off"]),
     (["grpo", "--external_plugins", "/nonexistent/my_rewards.py", "--reward_funcs", "mine"],
      ["--external_plugins /nonexistent/my_rewards.py", "no such file"]),
     (["data", "synth"], ["vltune data synth gui"]),

@@ -77,12 +77,15 @@ def image_error(err: DataError, where: str) -> DataError:
 
 
 def check_sample(sample: Sample, processor, estimator: LengthEstimator, max_length: int | None,
-                 loss_scale: str = "default", verify_images: bool = True, decode_images: bool = False) -> int:
+                 loss_scale: str = "default", verify_images: bool = True, decode_images: bool = False,
+                 sizes_seen: dict | None = None) -> int:
     """Raise DataError if `sample` cannot be trained on; return its token length.
 
     verify_images: Pillow's integrity check of each file (cheap; see `image_size`); decode_images: decode
     each image in full too (what `vltune data check` does; training leaves it to load time, where a
-    sample whose pixels do not decode is skipped and counted, instead of decoding every image twice)."""
+    sample whose pixels do not decode is skipped and counted, instead of decoding every image twice).
+    sizes_seen: file path -> size (or its DataError) of the images checked so far, so that a screen shown in
+    several samples is read once."""
     n_tags = sample.num_image_parts
     if n_tags != len(sample.images):
         raise DataError(f"{n_tags} <image> tag(s) but {len(sample.images)} image(s)", sample.where, "image/tag mismatch")
@@ -97,10 +100,18 @@ def check_sample(sample: Sample, processor, estimator: LengthEstimator, max_leng
         raise DataError("every assistant turn has loss=false: nothing to train", sample.where, "no trainable tokens")
     sizes = []
     for ref in sample.images:
+        memo = sizes_seen is not None and isinstance(ref, str)
+        known = sizes_seen.get(ref) if memo else None
         try:
-            sizes.append(image_size(ref, verify=verify_images, decode=decode_images))
+            if isinstance(known, DataError):
+                raise known
+            sizes.append(known or image_size(ref, verify=verify_images, decode=decode_images))
         except DataError as e:
+            if memo:
+                sizes_seen[ref] = e
             raise image_error(e, sample.where) from None
+        if memo:
+            sizes_seen[ref] = sizes[-1]
     length = estimator.length(rendered.text, sizes)
     if max_length and length > max_length:
         raise SampleTooLong(f"{length} tokens > max_length {max_length} (dropped, never truncated)", sample.where)
@@ -179,11 +190,12 @@ def validate_samples(samples: list[Sample], processor, max_length: int | None, l
     for err in read_errors or []:
         report.add(err)
     estimator = LengthEstimator(processor)
+    sizes_seen: dict = {}
     kept, lengths = [], []
     for s in tqdm(samples, desc=desc, disable=len(samples) < 2000, leave=False):
         try:
             lengths.append(check_sample(s, processor, estimator, max_length, loss_scale, verify_images,
-                                        decode_images))
+                                        decode_images, sizes_seen))
             kept.append(s)
         except DataError as e:
             report.add(e if e.where else e.at(s.where))
@@ -205,9 +217,11 @@ class SFTDataset(torch.utils.data.Dataset):
 
     SKIP_LOG = "skipped_at_load"
 
-    def __init__(self, samples: list[Sample], lengths: list[int] | None = None):
+    def __init__(self, samples: list[Sample], lengths: list[int] | None = None, image_cache=None):
+        """image_cache: an ImageCache (vltune/data/image_cache.py) that decodes each image file once."""
         self.samples = samples
         self.lengths = lengths
+        self.image_cache = image_cache
         self._skipped: dict[str, DataError] = {}  # where -> error, met in this process
         self._skip_log: Path | None = None
 
@@ -218,7 +232,8 @@ class SFTDataset(torch.utils.data.Dataset):
         for attempt in range(len(self.samples)):
             sample = self.samples[(idx + attempt) % len(self.samples)]
             try:
-                return {"sample": sample, "images": [load_image(r) for r in sample.images]}
+                load = self.image_cache.load if self.image_cache is not None else load_image
+                return {"sample": sample, "images": [load(r) for r in sample.images]}
             except DataError as e:
                 self._skip(image_error(e, sample.where))
         raise DataError("no sample of the data set could be loaded")

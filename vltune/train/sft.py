@@ -19,6 +19,7 @@ from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArg
 from ..data.dataset import DataReport, SFTCollator, SFTDataset, validate_samples
 from ..data.errors import DataError
 from ..data.formats import read_dataset
+from ..data.image_cache import ImageCache
 from ..data.splits import split_holdout
 from ..errors import UsageError
 from ..models.load import load_model
@@ -44,8 +45,9 @@ class SFTResult:
 
 # ---------------------------------------------------------------------------- data
 def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, convention: str,
-                   samples: list | None = None):
-    """Read (unless `samples` are given), validate and split the data; return (train, eval or None, report)."""
+                   samples: list | None = None, image_cache_mb: float = 0):
+    """Read (unless `samples` are given), validate and split the data; return (train, eval or None, report).
+    Both sets load their images through one ImageCache of `image_cache_mb` MiB (0: none)."""
     specs = list(data.dataset)
     if samples is not None:
         read_errors: list = []
@@ -69,20 +71,21 @@ def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, c
         raise report.strict_error("sample")
     if not kept:
         raise DataError("no usable training sample; see the report above")
+    cache = ImageCache(processor, image_cache_mb) if image_cache_mb > 0 else None
     eval_ds = None
     if data.val_dataset:
         vs, verr = read_dataset(data.val_dataset, users=None, allow_pickle=data.allow_pickle)
         vkept, vlen, vrep = validate_samples(vs, processor, data.max_length, data.loss_scale, verr, desc="checking val")
         vrep.log("validation")
-        eval_ds = SFTDataset(vkept, vlen) if vkept else None
+        eval_ds = SFTDataset(vkept, vlen, cache) if vkept else None
     elif data.split_dataset_ratio > 0:
         pairs, held = split_holdout(list(zip(kept, lengths)), data.split_dataset_ratio, seed)
-        eval_ds = SFTDataset([s for s, _ in held])
+        eval_ds = SFTDataset([s for s, _ in held], image_cache=cache)
         kept, lengths = [s for s, _ in pairs], [n for _, n in pairs]
     if lengths:
         logger.info("[data] %d training samples, tokens per sample: mean %.0f, max %d", len(kept),
                     sum(lengths) / len(lengths), max(lengths))
-    return SFTDataset(kept, lengths), eval_ds, report
+    return SFTDataset(kept, lengths, cache), eval_ds, report
 
 
 # ---------------------------------------------------------------------------- model
@@ -167,7 +170,8 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
     with open_run(args.output_dir, (model_args, tuner, data, args), args.seed, args.wandb_project) as out:
         path, processor, family = load_base(model_args, processor)
         check_gpu_options(model_args, args)
-        train_ds, eval_ds, report = build_datasets(data, processor, args.seed, str(out), family.coords, samples)
+        train_ds, eval_ds, report = build_datasets(data, processor, args.seed, str(out), family.coords, samples,
+                                                   args.image_cache_mb)
         samples_ds = train_ds  # the SFTDataset under any packing: it counts the samples skipped at load time
         # a resumed run keeps the skips counted before it
         samples_ds.record_skips_to(out, args.process_index, fresh=not wants_resume(args.resume_from_checkpoint))
@@ -196,6 +200,8 @@ def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArgumen
         # Every rank and DataLoader worker has finished its last batch once train() returns (each step ends in
         # an all-reduce), so the skip files hold every load-time skip of the run.
         report.add_load_skips(samples_ds.load_skips())
+        if samples_ds.image_cache is not None:
+            logger.info("[data] image cache: %s", samples_ds.image_cache.describe())
         if report.at_load:
             report.log("train (final, with the samples skipped at load time)")
         metrics["samples_skipped"] = report.skipped
