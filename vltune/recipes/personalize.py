@@ -315,13 +315,14 @@ def _run_workers(root: Path, users: list, skipped: list, p: PersonalizeArguments
     for k, shard in enumerate(shards):
         log = wdir / f"worker_{k}.log"
         cmd = [sys.executable, "-m", "vltune", "personalize", "--config", str(root / "args.json"),
-               "--users", ",".join(map(str, shard)), "--replay_users", replay, "--workers", "1", "--output_dir", str(wdir / f"worker_{k}")]
+               "--users", ",".join(map(str, shard)), "--replay_users", replay, "--workers", "1",
+               "--output_dir", str(wdir / f"worker_{k}")]
         with open(log, "w") as f:
-            procs.append((k, shard, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                          env=_worker_env(k, len(shards)))))
+            procs.append((k, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                   env=_worker_env(k, len(shards)))))
         logger.info("[personalize] worker %d: user(s) %s (log: %s)", k, shard, log)
     failed = []
-    for k, shard, log, proc in procs:
+    for k, log, proc in procs:
         if proc.wait() != 0:
             failed.append((k, log))
         else:
@@ -331,7 +332,7 @@ def _run_workers(root: Path, users: list, skipped: list, p: PersonalizeArguments
         raise RuntimeError(f"personalize worker(s) {[k for k, _ in failed]} failed (logs: "
                            f"{', '.join(str(log) for _, log in failed)}); the end of worker {failed[0][0]}'s:\n{tail}")
     summary: dict = {"base": None, "users": {}, "skipped_users": skipped, "kept_global": [], "workers": len(shards)}
-    for k, _shard, _log, _proc in procs:
+    for k, _log, _proc in procs:
         part_dir = wdir / f"worker_{k}"
         part = json.loads((part_dir / "personalize.json").read_text())
         summary["base"] = part["base"]
@@ -339,12 +340,14 @@ def _run_workers(root: Path, users: list, skipped: list, p: PersonalizeArguments
             if (part_dir / sub).is_dir():
                 (root / sub).mkdir(exist_ok=True)
                 for d in sorted((part_dir / sub).iterdir()):
+                    # a resumed run keeps root's old user dirs: replace them (a move onto one would nest inside)
                     shutil.rmtree(root / sub / d.name, ignore_errors=True)
                     shutil.move(str(d), str(root / sub / d.name))
         for user, record in part["users"].items():
-            for key in ("adapter", "rejected_adapter"):
+            for key in ("adapter", "rejected_adapter"):  # .../worker_<k>/<sub>/user_<id> -> root/<sub>/user_<id>
                 if record.get(key):
-                    record[key] = str(root / Path(record[key]).parent.name / Path(record[key]).name)
+                    where = Path(record[key])
+                    record[key] = str(root / where.parent.name / where.name)
             summary["users"][user] = record
         summary["kept_global"] += part["kept_global"]
         shutil.rmtree(part_dir)
