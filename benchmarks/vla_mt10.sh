@@ -34,10 +34,23 @@ else
   TASKS=mt10 DEMOS=${DEMOS:-30} VAL=3 STEPS=${STEPS:-8000} EPISODES=${EPISODES:-20} BUDGET=${BUDGET:-300} SIZE=96
   DEMO_STEPS=300 MODEL=()
 fi
+# The rows this run can have; ONLY= picks some of them, checked here, before anything is recorded or trained.
+ONLY=${ONLY:-}
+ALL_ROWS=(images no_images)
+if [ "${ABLATIONS:-0}" = 1 ]; then ALL_ROWS+=(cameras window4 chunk1 chunk8); fi
+if [ "${PRIVILEGED:-0}" = 1 ]; then ALL_ROWS+=(privileged_goal); fi
+wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+for name in ${ONLY//,/ }; do
+  [[ " ${ALL_ROWS[*]} " == *" $name "* ]] || { echo "vla_mt10.sh: ONLY=$ONLY names no row of this run ($name);" \
+    "its rows: ${ALL_ROWS[*]} (cameras, window4, chunk1, chunk8 need ABLATIONS=1, privileged_goal PRIVILEGED=1)" >&2
+    exit 2; }
+done
+if [ -n "$ONLY" ] && [ -z "${ONLY//,/}" ]; then echo "vla_mt10.sh: ONLY=$ONLY names no row" >&2; exit 2; fi
+
 MAIN_CAM=${MAIN_CAM:-corner} CAMS=${CAMS:-corner,topview}
 # The cameras the rows need are rendered once; the trajectories (seeds, expert, action noise) do not depend on them.
 DEMO_CAMS=$MAIN_CAM
-if [ "${ABLATIONS:-0}" = 1 ] && { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",cameras,"* ]]; }; then DEMO_CAMS=$CAMS; fi
+if [ "${ABLATIONS:-0}" = 1 ] && wanted cameras; then DEMO_CAMS=$CAMS; fi
 D="$W/demos_${DEMO_CAMS//,/+}"
 [ -f "$D/metaworld_demos.json" ] || timed demos python -m vltune.vla.data.metaworld_demos --tasks "$TASKS" \
   --episodes "$DEMOS" --val_episodes "$VAL" --image_size "$SIZE" --cameras "$DEMO_CAMS" --max_steps "$DEMO_STEPS" \
@@ -59,7 +72,7 @@ run_row() {
 }
 row() {  # row NAME DESCRIPTION train-flags...: train on $D and evaluate on the held-out positions, in the background
   local name=$1 desc=$2; shift 2
-  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
+  wanted "$name" || return 0
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
   echo "[mt10] row $name: $desc (log: $W/$name.log)"
   run_row "$name" "$@" &
@@ -80,7 +93,5 @@ if [ "${PRIVILEGED:-0}" = 1 ]; then
     --fwd_pred_next_n 4 --state_dims all
 fi
 for pid in $(jobs -p); do wait "$pid"; done  # a row that failed stops the script here, with its log named above
-[ ${#ROWS[@]} -gt 0 ] || { echo "vla_mt10.sh: ONLY=$ONLY names no row of this run; rows: images, no_images," \
-  "cameras, window4, chunk1, chunk8 (ABLATIONS=1), privileged_goal (PRIVILEGED=1)" >&2; exit 2; }
 echo "wall $SECONDS" >> "$W/times.txt"
 python benchmarks/vla_results.py "$W" "${ROWS[@]}"

@@ -188,6 +188,17 @@ def test_several_cameras_and_a_privileged_state_are_explicit(metaworld_env, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "reach-v3 has no camera corners; its cameras are" in err[-1] and "corner," in err[-1]
     assert not (tmp_path / "e4" / "eval_report.json").exists()
+    # --cameras auto (the default) with a policy camera Meta-World lacks: the error says where the name came from
+    import shutil
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(privileged, renamed)
+    config = json.loads((renamed / "policy_config.json").read_text())
+    (renamed / "policy_config.json").write_text(json.dumps({**config, "cameras": ["wrist"]}))
+    rc = cli_main(["eval", "vla", "--policy", str(renamed), "--output_dir", str(tmp_path / "e5"), *common])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "--cameras auto (the policy's cameras wrist -> Meta-World's wrist;" in err[-1]
+    assert "reach-v3 has no camera wrist; its cameras are" in err[-1]
     from vltune.vla.data.metaworld_demos import main as demos_main
 
     with pytest.raises(SystemExit) as stop:
@@ -231,6 +242,8 @@ def test_mt10_benchmark_smoke(metaworld_env, tmp_path):
         ("privileged_goal", "proprio+goal", True)]
     assert (tmp_path / "w" / "times.txt").read_text().count("demos ") == 1
     assert "(PRIVILEGED)" in (tmp_path / "w" / "results.md").read_text()
-    proc = subprocess.run(["bash", str(root / "benchmarks" / "vla_mt10.sh"), str(tmp_path / "w")], cwd=root,
-                          env={**env, "ONLY": "chunk3"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "ONLY=chunk3 names no row" in proc.stderr
+    # a name of no row stops before any demo is recorded (here: in a new workdir)
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "vla_mt10.sh"), str(tmp_path / "w2")], cwd=root,
+                          env={**env, "ONLY": "images,chunk3"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "ONLY=images,chunk3 names no row of this run (chunk3)" in proc.stderr
+    assert not list((tmp_path / "w2").glob("demos_*"))

@@ -174,7 +174,10 @@ def evaluate_task(policy, task: str, task_index: int, a: VLAEvalArguments, out: 
     from ..vla.metaworld_env import MetaWorldEnv, state_vector
 
     roles = list(policy.config.cameras)
-    env = MetaWorldEnv(task, env_cameras(a, roles), a.image_size)
+    cams = env_cameras(a, roles)
+    chosen = (f"--cameras auto (the policy's cameras {', '.join(roles)} -> Meta-World's {', '.join(cams)}; name one "
+              f"Meta-World camera per policy camera with --cameras)") if a.cameras == "auto" else None
+    env = MetaWorldEnv(task, cams, a.image_size, cameras_from=chosen)
     env_dim = int(env.env.action_space.shape[0])
     if policy.config.action_dim != env_dim:
         env.close()

@@ -142,7 +142,10 @@ def _below_task_select(env):
 class MetaWorldEnv:
     """One Meta-World task with fresh positions per seed and fast rendering of named cameras."""
 
-    def __init__(self, task: str, cameras: tuple[str, ...] = ("topview",), image_size: int = 96):
+    def __init__(self, task: str, cameras: tuple[str, ...] = ("topview",), image_size: int = 96,
+                 cameras_from: str | None = None):
+        """cameras_from: how the user chose `cameras`, for the error that names one the task lacks (default
+        `--cameras <cameras>`)."""
         setup_headless_gl()
         require_metaworld()
         import warnings
@@ -163,8 +166,8 @@ class MetaWorldEnv:
         unknown = [c for c in self.cameras if c not in names]
         if unknown:
             self.env.close()
-            raise UsageError(f"--cameras {','.join(self.cameras)}: {task} has no camera {', '.join(unknown)}; its "
-                             f"cameras are {', '.join(names)}")
+            raise UsageError(f"{cameras_from or '--cameras ' + ','.join(self.cameras)}: {task} has no camera "
+                             f"{', '.join(unknown)}; its cameras are {', '.join(names)}")
         self.renderer = mujoco.Renderer(model, image_size, image_size)
         self._flags = (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION)
         self.instruction = INSTRUCTIONS.get(task, task.replace("-v3", "").replace("-", " "))
