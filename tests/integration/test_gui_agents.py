@@ -399,7 +399,7 @@ def test_personalize_refuses_full_and_needs_users_data(tmp_path, tiny_path, grou
 
 @pytest.mark.slow
 def test_gui_agents_example_personalised_beats_global_beats_zero_shot(tmp_path):
-    """examples/gui_agents.sh end to end at seed 0 (~25 min on 2 quiet CPU cores). Measured at seed 0 (README):
+    """examples/gui_agents.sh end to end at seed 0 (~18 min on 2 quiet CPU cores). Measured at seed 0 (README):
     global 62.7% (explicit 77.6%, habit 41.2%), personalised 71.6% (80.3%, 59.0%), most-frequent app 69.9%,
     no user worse than global. The asserted margins sit below those by a few points of run-to-run noise; they
     are NOT issue 18's targets (+10 overall, +30 habit), which no setup measured so far reaches."""
