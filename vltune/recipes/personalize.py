@@ -114,24 +114,25 @@ def _read_rows(data: DataArguments, p: PersonalizeArguments) -> tuple[list, list
     wanted = set(parse_users(data.users) or ())
     if spec != "others" or not wanted:
         samples, errors = read_dataset(data.dataset, users=data.users, allow_pickle=data.allow_pickle)
-        return samples, errors, _replay_pool(data, p)
+        return samples, errors, _replay_pool(data, p, spec, wanted)
     rows, errors = read_dataset(data.dataset, allow_pickle=data.allow_pickle)
     tagged = [s for s in rows if "user" in s.extra]
     samples = [s for s in tagged if int(s.extra["user"]) in wanted]
     if not samples:  # the filtered read raises the error that names the users --dataset holds
         read_dataset(data.dataset, users=data.users, allow_pickle=data.allow_pickle)
-    return samples, errors, _replay_pool(data, p, [s for s in tagged if int(s.extra["user"]) not in wanted])
+    return samples, errors, _replay_pool(data, p, spec, wanted,
+                                         [s for s in tagged if int(s.extra["user"]) not in wanted])
 
 
-def _replay_pool(data: DataArguments, p: PersonalizeArguments, others: list | None = None) -> list:
-    """The rows --replay_users / --replay_where pick for replay (empty when there are none); `others`: the rows of
-    every user but --users, already read by _read_rows (for `--replay_users others`)."""
+def _replay_pool(data: DataArguments, p: PersonalizeArguments, spec: str, wanted: set, others: list | None = None
+                 ) -> list:
+    """The rows --replay_users / --replay_where pick for replay (empty when there are none). spec: --replay_users
+    lower-cased ("none", "others" or user ids), wanted: the --users ids, others: the rows of every user but
+    --users, already read by _read_rows (for `--replay_users others`)."""
     from ..data.formats import parse_users, read_dataset
 
-    spec = (p.replay_users or "none").strip().lower()
     if spec == "none":
         return []
-    wanted = set(parse_users(data.users) or ())
     if spec == "others":  # none without --users (every user gets an adapter) or when nobody else is in --dataset
         pool = others or []
     else:
