@@ -2,8 +2,8 @@
 
 A multi-epoch run meets every image once per epoch, and a screenshot set often shows one screen in several
 rows. Without a cache each meeting reads the file, decodes it and has the processor resize it (a 512 px PNG
-to the 128 px the tiny model sees: about 5 ms, as long as the tiny model's forward pass on it). With it,
-that happens once per image and process; later meetings take the stored, already resized image.
+to the 128 px the tiny model sees: about 5 ms, more than half of the tiny model's forward pass per sample).
+With it, that happens once per image and process; later meetings take the stored, already resized image.
 
 Resizing ahead of the processor is only done where it leaves the pixels the model sees unchanged: the
 processor then receives an image already at its target size, and its own resize is a copy. That is
