@@ -15,6 +15,8 @@ set -euo pipefail
 OUT=${1:-output/gui}
 SEED=${2:-0}
 NPROC=${NPROC:-2}
+case "$NPROC" in 1|2|4|8|16) ;; *)  # the global batch is 16 = NPROC x per-process batch: any other NPROC changes it
+  echo "gui_agents.sh: NPROC=$NPROC does not divide the batch of 16; use 1, 2, 4, 8 or 16" >&2; exit 2 ;; esac
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 : > "$OUT/times.txt"
