@@ -126,3 +126,47 @@ def test_a_camera_name_that_cannot_be_a_file_name_is_refused():
 
     with pytest.raises(ValueError, match="camera name 'top view'"):
         Episode(instruction="x", actions=np.zeros((2, 4)), images={"top view": np.zeros((2, 8, 8, 3), np.uint8)})
+
+
+class _FakeEnv:
+    """Stands in for MetaWorldEnv in record_demos: what the recorder reads of it, nothing rendered."""
+
+    instruction, task, cameras = "reach the goal", "reach-v3", ("corner",)
+
+    def __init__(self, task, cameras, image_size):
+        pass
+
+    def close(self):
+        pass
+
+
+def _scheduled_expert(fail_every: int):
+    """A record_episode stand-in whose expert fails every `fail_every`-th try (an expert that is right 7 times in 8,
+    like peg-insert-side's with action noise)."""
+    from vltune.vla.data.episodes import Episode
+
+    def record(env, expert, seed, max_steps, action_noise, hold_steps, rng, state="proprio"):
+        ep = Episode(instruction=env.instruction, task=env.task, actions=np.zeros((3, 4), np.float32),
+                     images={"corner": np.zeros((3, 8, 8, 3), np.uint8)}, state=np.zeros((3, 4), np.float32),
+                     source=f"seed {seed}")
+        return ep, (seed + 1) % fail_every != 0, np.zeros(3)
+
+    return record
+
+
+def test_demo_failures_are_counted_per_task_not_against_the_validation_split(tmp_path, monkeypatch):
+    """100 training + 3 validation episodes from an expert that fails one try in eight: 14 failures in all. The old
+    limit (the split's size + 10) stopped the run in the 3-episode validation split and wrote nothing."""
+    import vltune.vla.data.metaworld_demos as md
+
+    monkeypatch.setattr(md, "MetaWorldEnv", _FakeEnv)
+    monkeypatch.setattr(md, "expert_policy", lambda task: None)
+    monkeypatch.setattr(md, "record_episode", _scheduled_expert(8))
+    meta = md.record_demos(["reach-v3"], str(tmp_path / "d"), episodes=100, val_episodes=3, cameras=("corner",))
+    info = meta["per_task"]["reach-v3"]
+    assert len(info["training_seeds"]) == 100 and len(info["validation_seeds"]) == 3
+    assert len(info["failed_seeds"]) == 14
+    # an expert that fails most tries still stops, naming the task, once its failures exceed the episodes asked for
+    monkeypatch.setattr(md, "record_episode", _scheduled_expert(1))
+    with pytest.raises(RuntimeError, match="reach-v3: the scripted expert failed 14 times"):
+        md.record_demos(["reach-v3"], str(tmp_path / "e"), episodes=2, val_episodes=1, cameras=("corner",))
