@@ -54,6 +54,7 @@ def test_every_fault_kind_is_counted_exactly_and_the_epoch_runs_to_the_end(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.drills
+@pytest.mark.timeout(1800)  # the subprocess's own limit; the suite's 600 s cut it off beside other work
 def test_dirty_run_drill_20k(tmp_path):
     """benchmarks/dirty_run.py at full size: 20,000 samples, 2% broken, one epoch; a few minutes on 2 cores."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dirty_run.py"), "--out", str(tmp_path / "d")],
