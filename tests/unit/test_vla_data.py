@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from vltune.errors import UsageError
 from vltune.vla.data import detect_format, read_episodes, write_episodes
 from vltune.vla.data.synthetic import make_episodes
 
@@ -166,7 +167,75 @@ def test_demo_failures_are_counted_per_task_not_against_the_validation_split(tmp
     info = meta["per_task"]["reach-v3"]
     assert len(info["training_seeds"]) == 100 and len(info["validation_seeds"]) == 3
     assert len(info["failed_seeds"]) == 14
-    # an expert that fails most tries still stops, naming the task, once its failures exceed the episodes asked for
+    # an expert that fails most tries still stops, naming the task and the flags that help, once its failures
+    # exceed the episodes asked for
     monkeypatch.setattr(md, "record_episode", _scheduled_expert(1))
-    with pytest.raises(RuntimeError, match="reach-v3: the scripted expert failed 14 times"):
+    with pytest.raises(UsageError, match=r"reach-v3: the scripted expert failed 14 of 14 tries, more than the 13 "
+                                         r"allowed .*lower --action_noise \(now 0.1\) or raise --max_steps"):
         md.record_demos(["reach-v3"], str(tmp_path / "e"), episodes=2, val_episodes=1, cameras=("corner",))
+
+
+class _NamedFakeEnv(_FakeEnv):
+    def __init__(self, task, cameras, image_size):
+        self.task, self.instruction = task, f"solve {task}"
+
+
+def _noisy_expert(calls: list, stop_at: str | None = None):
+    """A record_episode stand-in whose episodes are drawn from the recorder's noise generator (as the executed
+    actions are), so a resumed recording matches an uninterrupted one only if the generator is restored too.
+    With `stop_at`, the first try of that task is interrupted as Ctrl-C would."""
+    from vltune.vla.data.episodes import Episode
+
+    def record(env, expert, seed, max_steps, action_noise, hold_steps, rng, state="proprio"):
+        if env.task == stop_at:
+            raise KeyboardInterrupt
+        calls.append(env.task)
+        n = 2 + seed % 3
+        ep = Episode(instruction=env.instruction, task=env.task, actions=rng.normal(size=(n, 4)).astype(np.float32),
+                     images={"corner": rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)},
+                     state=np.zeros((n, 4), np.float32), source=f"{env.task} seed {seed}")
+        return ep, seed % 5 != 4, np.full(3, seed, float)
+
+    return record
+
+
+def test_a_stopped_demo_recording_resumes_after_its_last_finished_task(tmp_path, monkeypatch):
+    """Ctrl-C (or a crash) in the third task keeps the two finished ones; the same command then records only the
+    rest and writes the data set an uninterrupted run writes. Other settings start over."""
+    import vltune.vla.data.metaworld_demos as md
+
+    monkeypatch.setattr(md, "MetaWorldEnv", _NamedFakeEnv)
+    monkeypatch.setattr(md, "expert_policy", lambda task: None)
+    tasks, kw = ["reach-v3", "push-v3", "door-open-v3"], dict(episodes=4, val_episodes=1, cameras=("corner",))
+    whole = []
+    monkeypatch.setattr(md, "record_episode", _noisy_expert(whole))
+    ref = md.record_demos(tasks, str(tmp_path / "ref"), **kw)
+
+    out, first = tmp_path / "out", []
+    monkeypatch.setattr(md, "record_episode", _noisy_expert(first, stop_at="door-open-v3"))
+    with pytest.raises(KeyboardInterrupt):
+        md.record_demos(tasks, str(out), **kw)
+    assert sorted(p.name for p in (out / md.PARTIAL_DIR).iterdir()) == ["push-v3.pkl", "reach-v3.pkl",
+                                                                         "settings.json"]
+    assert not (out / "metaworld_demos.json").exists()
+    second = []
+    monkeypatch.setattr(md, "record_episode", _noisy_expert(second))
+    meta = md.record_demos(tasks, str(out), **kw)
+    assert set(second) == {"door-open-v3"} and len(first) + len(second) == len(whole)
+    assert meta["per_task"] == ref["per_task"]
+    assert not (out / md.PARTIAL_DIR).exists()
+    for split in ("training", "validation"):
+        got, want = read_episodes(str(out), split=split), read_episodes(str(tmp_path / "ref"), split=split)
+        assert [e.instruction for e in got] == [e.instruction for e in want]
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a.actions, b.actions)
+            np.testing.assert_array_equal(a.images["corner"], b.images["corner"])
+
+    # a stopped recording under other settings is not mixed in: this one records every task again
+    monkeypatch.setattr(md, "record_episode", _noisy_expert([], stop_at="push-v3"))
+    with pytest.raises(KeyboardInterrupt):
+        md.record_demos(tasks, str(tmp_path / "other"), **kw)
+    again = []
+    monkeypatch.setattr(md, "record_episode", _noisy_expert(again))
+    md.record_demos(tasks, str(tmp_path / "other"), **{**kw, "action_noise": 0.05})
+    assert set(again) == set(tasks)
