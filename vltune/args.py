@@ -48,6 +48,16 @@ class DataArguments:
     max_length: int = field(default=2048, metadata={
         "help": "Maximum tokens per sample, image tokens included. Longer samples are dropped and counted, never "
                 "truncated (truncation through an image breaks the model's image/token alignment)."})
+    strict: bool = field(default=False, metadata={
+        "help": "Stop before training if any sample is invalid or over-long, instead of skipping and counting it."})
+    num_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
+
+
+@dataclass
+class SFTDataArguments(DataArguments):
+    """The data flags of supervised fine-tuning (sft, personalize): which tokens train, and how samples are batched.
+    `vltune grpo` samples its own completions, so it has none of them."""
+
     loss_scale: str = field(default="default", metadata={"choices": ["default", "last_round"],
         "help": "default: train on every assistant turn; last_round: only the final assistant turn. A message "
                 "with \"loss\": false is never trained."})
@@ -67,9 +77,6 @@ class DataArguments:
     padding_free: bool = field(default=False, metadata={
         "help": "Keep the usual batches of samples but flatten each into one row without padding (same "
                 "guarantees as --packing: no attention across samples, positions restart per sample)."})
-    strict: bool = field(default=False, metadata={
-        "help": "Stop before training if any sample is invalid or over-long, instead of skipping and counting it."})
-    num_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
 
 
 def default_output_dir(command: str):
@@ -275,6 +282,28 @@ def load_config_file(path: str, known: set[str] | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- parsing
+def _sft_only_data_fields() -> dict:
+    """The data flags only supervised fine-tuning has (SFTDataArguments less DataArguments), with their defaults."""
+    common = {f.name for f in fields(DataArguments)}
+    return {f.name: f.default for f in fields(SFTDataArguments) if f.name not in common}
+
+
+def _drop_sft_only_defaults(cfg: dict, known: set, prog: str, path: str) -> dict:
+    """A command without SFT's data flags (grpo) given a config file that has them: the args.json of a run from
+    before they were SFT-only lists them at their defaults, which change nothing and are dropped; any other value
+    is a setting the command would ignore, so it is refused."""
+    sft_only = _sft_only_data_fields()
+    out = {}
+    for k, v in cfg.items():
+        if k in sft_only and k not in known:
+            if v != sft_only[k]:
+                raise UsageError(f"{prog}: {path} sets {k}: {v!r}, a data setting of vltune sft that {prog} does not "
+                                 f"use; remove it from the file")
+            continue
+        out[k] = v
+    return out
+
+
 def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str = "vltune",
                description: str | None = None, values: dict | None = None) -> tuple:
     """Parse `--config file`, then `values` (a Python API's keywords, same names and aliases), then the command
@@ -294,6 +323,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str 
     argv = merge_repeated_flags(normalize_argv(argv, known), list_flags)
     pre, _ = parser.parse_known_args(argv)  # only to find --config / --device / --torch_dtype early
     cfg = rename_keys(load_config_file(pre.config, known | set(renamed)), renamed, prog) if pre.config else {}
+    cfg = _drop_sft_only_defaults(cfg, known, prog, pre.config)
     unknown = sorted(set(cfg) - known - {"config"})
     if unknown:
         raise UsageError(f"{prog}: unknown key(s) in {pre.config}: {', '.join(unknown)}")
@@ -345,8 +375,11 @@ class _Parser(HfArgumentParser):
         flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
         typos = [w.split("=")[0] for w in message.split() if w.startswith("--") and w not in flags] \
             if message.startswith("unrecogni") else []
-        close = [m for w in typos for m in difflib.get_close_matches(w, flags, n=1)]
+        sft_only = [w for w in typos if w[2:].replace("-", "_") in _sft_only_data_fields()]
+        close = [m for w in typos if w not in sft_only for m in difflib.get_close_matches(w, flags, n=1)]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
+        if sft_only:  # grpo given --packing & co.: say why, not a look-alike flag
+            hint += f"; {', '.join(sft_only)}: data flags of vltune sft and personalize, which {self.prog} does not use"
         raise UsageError(f"{self.prog}: {message}{hint} (all arguments: {self.prog} --help)")
 
 

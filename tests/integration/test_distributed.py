@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from vltune.args import ModelArguments, SFTDataArguments, SFTTrainingArguments, TunerArguments, parse_args
 from vltune.distributed import DEEPSPEED_PRESETS, deepspeed_config, resolve_deepspeed
 from vltune.errors import UsageError
 from vltune.train.debug import DEBUG_DIST_ENV
@@ -21,7 +21,7 @@ from vltune.train.debug import DEBUG_DIST_ENV
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed "
                                      "(optional extra: pip install 'vltune[deepspeed]')")
-GROUPS = (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments)
+GROUPS = (ModelArguments, TunerArguments, SFTDataArguments, SFTTrainingArguments)
 STEPS = 4
 
 

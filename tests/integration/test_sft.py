@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from vltune.args import ModelArguments, SFTDataArguments, SFTTrainingArguments, TunerArguments, parse_args
 from vltune.models.families import part_of
 from vltune.recipes.sft import main as sft_main
 
@@ -209,5 +209,5 @@ def test_sft_runs_offline_with_defaults_and_writes_everything(tmp_path):
     saved = json.loads((out / "args.json").read_text())
     assert saved["train_type"] == "lora" and saved["max_steps"] == 5
     # the saved arguments are a valid --config for the next run
-    parse_args((ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments),
+    parse_args((ModelArguments, TunerArguments, SFTDataArguments, SFTTrainingArguments),
                ["--config", str(out / "args.json"), "--output_dir", str(tmp_path / "again")])

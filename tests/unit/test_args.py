@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vltune.args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from vltune.args import ModelArguments, SFTDataArguments, SFTTrainingArguments, TunerArguments, parse_args
 from vltune.errors import UsageError
 
-GROUPS = (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments)
+GROUPS = (ModelArguments, TunerArguments, SFTDataArguments, SFTTrainingArguments)
 
 
 def test_config_file_with_command_line_override(tmp_path):
@@ -40,6 +40,41 @@ def test_unknown_config_key_is_an_error(tmp_path):
     cfg.write_text(json.dumps({"lora_rnak": 8}))
     with pytest.raises(UsageError, match="lora_rnak"):
         parse_args(GROUPS, ["--config", str(cfg)])
+
+
+def test_grpo_has_no_sft_data_flags_and_reads_an_old_args_json_that_lists_them(tmp_path, capsys):
+    """grpo samples its own completions: --packing, --loss_scale, ... are SFT flags, not in its --help or its
+    parser. An args.json written before they were SFT-only lists them at their defaults and still loads; a value
+    that grpo would silently ignore is refused, naming the key."""
+    from vltune.train.grpo_config import ARG_GROUPS as GRPO_GROUPS
+
+    sft_only = {"loss_scale", "train_separator", "packing", "packing_length", "padding_free"}
+    with pytest.raises(SystemExit):
+        parse_args(GRPO_GROUPS, ["--help"], prog="vltune grpo")
+    grpo_help = capsys.readouterr().out
+    assert "--max_length" in grpo_help and not any(f"--{k}" in grpo_help for k in sft_only)
+    with pytest.raises(SystemExit):
+        parse_args(GROUPS, ["--help"], prog="vltune sft")
+    sft_help = capsys.readouterr().out
+    assert all(f"--{k}" in sft_help for k in sft_only)
+    with pytest.raises(UsageError, match=r"unrecognised arguments: --packing true; --packing: data flags of vltune "
+                                         r"sft and personalize, which vltune grpo does not use \(all arguments"):
+        parse_args(GRPO_GROUPS, ["--packing", "true", "--output_dir", str(tmp_path)], prog="vltune grpo")
+
+    old = {"dataset": ["p.jsonl"], "max_length": 512, "loss_scale": "default", "train_separator": False,
+           "packing": False, "packing_length": None, "padding_free": False}
+    cfg = tmp_path / "args.json"
+    cfg.write_text(json.dumps(old))
+    data = next(g for g in parse_args(GRPO_GROUPS, ["--config", str(cfg), "--output_dir", str(tmp_path)])
+                if hasattr(g, "dataset"))
+    assert data.dataset == ["p.jsonl"] and data.max_length == 512 and not hasattr(data, "packing")
+    cfg.write_text(json.dumps({**old, "packing": True}))
+    with pytest.raises(UsageError, match=r"args.json sets packing: True, a data setting of vltune sft that "
+                                         r"vltune grpo does not use"):
+        parse_args(GRPO_GROUPS, ["--config", str(cfg), "--output_dir", str(tmp_path)], prog="vltune grpo")
+    cfg.write_text(json.dumps({"packign": False}))  # a misspelt key is still an unknown key
+    with pytest.raises(UsageError, match="unknown key.*packign"):
+        parse_args(GRPO_GROUPS, ["--config", str(cfg)], prog="vltune grpo")
 
 
 def test_precision_follows_the_hardware(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from ..args import ModelArguments, SFTDataArguments, SFTTrainingArguments, TunerArguments, parse_args
 from ..console import setup_logging
 from ..hardware import torch_threads
 
@@ -93,7 +93,7 @@ def run_demo(d: DemoArguments) -> dict:
         model_args,
         TunerArguments(train_type=d.train_type, freeze_vit=d.freeze_vit, freeze_aligner=d.freeze_vit,
                        lora_rank=16, lora_alpha=32, lora_dropout=0.0),
-        DataArguments(dataset=[data["train"]], max_length=512),
+        SFTDataArguments(dataset=[data["train"]], max_length=512),
         SFTTrainingArguments(
             output_dir=str(out / "model"), num_train_epochs=d.epochs, learning_rate=d.learning_rate,
             per_device_train_batch_size=d.batch_size, gradient_checkpointing=False, warmup_steps=0.05,

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
+from ..args import ModelArguments, SFTDataArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
 from ..console import setup_logging
 from ..errors import UsageError
 
@@ -105,7 +105,7 @@ def _replay_rows(pool: list, n: int, seed: int, user: int) -> list:
     return rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
 
 
-def _read_rows(data: DataArguments, p: PersonalizeArguments) -> tuple[list, list, list]:
+def _read_rows(data: SFTDataArguments, p: PersonalizeArguments) -> tuple[list, list, list]:
     """(the --users' rows, records that could not be read, the replay pool), reading --dataset once also when the
     pool is every other user's rows (`--replay_users others`)."""
     from ..data.formats import parse_users, read_dataset
@@ -124,7 +124,7 @@ def _read_rows(data: DataArguments, p: PersonalizeArguments) -> tuple[list, list
                                          [s for s in tagged if int(s.extra["user"]) not in wanted])
 
 
-def _replay_pool(data: DataArguments, p: PersonalizeArguments, spec: str, wanted: set, others: list | None = None
+def _replay_pool(data: SFTDataArguments, p: PersonalizeArguments, spec: str, wanted: set, others: list | None = None
                  ) -> list:
     """The rows --replay_users / --replay_where pick for replay (empty when there are none). spec: --replay_users
     lower-cased ("none", "others" or user ids), wanted: the --users ids, others: the rows of every user but
@@ -159,7 +159,7 @@ def _replay_pool(data: DataArguments, p: PersonalizeArguments, spec: str, wanted
     return pool
 
 
-def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: DataArguments,
+def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: SFTDataArguments,
                     args: SFTTrainingArguments, p: PersonalizeArguments) -> dict:
     from ..data.formats import parse_users
     from ..data.splits import split_holdout_groups
@@ -360,6 +360,6 @@ def _run_workers(root: Path, users: list, skipped: list, p: PersonalizeArguments
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, tuner, data, args, p = parse_args(
-        (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments, PersonalizeArguments), argv,
+        (ModelArguments, TunerArguments, SFTDataArguments, SFTTrainingArguments, PersonalizeArguments), argv,
         prog="vltune personalize", description=__doc__)
     return run_personalize(model_args, tuner, data, args, p)

@@ -12,10 +12,10 @@ and plots).
 
 from __future__ import annotations
 
-from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments, parse_args
+from ..args import ModelArguments, SFTDataArguments, SFTTrainingArguments, TunerArguments, parse_args
 from ..train.sft import SFTResult, run_sft
 
-ARG_GROUPS = (ModelArguments, TunerArguments, DataArguments, SFTTrainingArguments)
+ARG_GROUPS = (ModelArguments, TunerArguments, SFTDataArguments, SFTTrainingArguments)
 
 
 def main(argv: list[str] | None = None) -> SFTResult:

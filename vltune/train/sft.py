@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..arg_checks import check_users_have_data
-from ..args import DataArguments, ModelArguments, SFTTrainingArguments, TunerArguments
+from ..args import ModelArguments, SFTDataArguments, SFTTrainingArguments, TunerArguments
 from ..data.dataset import DataReport, SFTCollator, SFTDataset, validate_samples
 from ..data.errors import DataError
 from ..data.formats import read_dataset
@@ -44,7 +44,7 @@ class SFTResult:
 
 
 # ---------------------------------------------------------------------------- data
-def build_datasets(data: DataArguments, processor, seed: int, output_dir: str, convention: str,
+def build_datasets(data: SFTDataArguments, processor, seed: int, output_dir: str, convention: str,
                    samples: list | None = None, image_cache_mb: float = 0):
     """Read (unless `samples` are given), validate and split the data; return (train, eval or None, report).
     Both sets load their images through one ImageCache of `image_cache_mb` MiB (0: none)."""
@@ -111,7 +111,7 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def build_collation(train_ds: SFTDataset, data: DataArguments, args: SFTTrainingArguments, processor, model):
+def build_collation(train_ds: SFTDataset, data: SFTDataArguments, args: SFTTrainingArguments, processor, model):
     """The training set as the Trainer will draw it (samples, or packs with --packing) and its collator
     (padded, or padding-free with --packing / --padding_free); logs the tokens per optimizer step."""
     from ..data.packing import PackedDataset, PaddingFreeCollator, find_rope_index, pad_share
@@ -160,7 +160,7 @@ def check_gpu_options(model_args: ModelArguments, args: SFTTrainingArguments) ->
 
 
 # ---------------------------------------------------------------------------- run
-def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: DataArguments, args: SFTTrainingArguments,
+def run_sft(model_args: ModelArguments, tuner: TunerArguments, data: SFTDataArguments, args: SFTTrainingArguments,
             callbacks: list | None = None, model: torch.nn.Module | None = None, processor=None,
             samples: list | None = None) -> SFTResult:
     """Train and save. `model` / `processor` / `samples` let a caller that already holds them (vltune
