@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -271,6 +273,86 @@ def test_personalize_replays_other_users_and_the_guard_keeps_global_for_a_worse_
     with pytest.raises(UsageError, match="--guard_ratio 1.5"):
         personalize.main(["--base", tiny_path(), "--dataset", data, "--users", "1", "--guard_ratio", "1.5",
                           "--output_dir", str(tmp_path / "o")])
+
+
+def test_a_stopped_personalize_run_resumes_user_by_user(tmp_path, tiny_path, monkeypatch, caplog):
+    """A run stopped in its third user keeps the two it finished; --resume_from_checkpoint true trains only the
+    third and ends with the adapters and personalize.json of an uninterrupted run. A --workers run whose parent
+    stopped after a worker finished a user keeps that user too, and the workers share out the others."""
+    from safetensors.torch import load_file
+
+    import vltune.recipes.personalize as personalize
+    import vltune.train.sft as sft
+
+    data = _three_user_rows(tmp_path)
+    # a constant learning rate: the stopped user's first run is cut to max_steps 1, whose schedule would differ
+    common = ["--base", tiny_path(), "--dataset", data, "--users", "1-3", "--replay_users", "none", "--max_steps", "2",
+              "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "2", "--report_to", "none",
+              "--save_strategy", "no", "--gradient_checkpointing", "false"]
+    ref = personalize.main([*common, "--output_dir", str(tmp_path / "ref")])
+
+    trained, run_sft = [], sft.run_sft
+
+    def stopping_at(user):
+        def run(model_args, tuner, data_args, args, **kw):
+            trained.append(data_args.users)
+            if data_args.users == user:  # Ctrl-C, or the machine going away, after this user's checkpoint-1
+                run_sft(model_args, tuner, data_args, replace(args, max_steps=1, save_strategy="steps", save_steps=1),
+                        **kw)
+                raise KeyboardInterrupt
+            return run_sft(model_args, tuner, data_args, args, **kw)
+        return run
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sft, "run_sft", stopping_at("3"))
+    with pytest.raises(KeyboardInterrupt):
+        personalize.main([*common, "--output_dir", str(out)])
+    assert not (out / "personalize.json").exists()
+    assert [u for u in (1, 2, 3) if (out / "adapters" / f"user_{u}" / personalize.USER_RECORD).is_file()] == [1, 2]
+    assert (out / "adapters" / "user_3" / "checkpoint-1" / "checkpoint_complete.json").is_file()
+    with pytest.raises(UsageError, match="holds a previous run"):  # not resumed by accident
+        personalize.main([*common, "--output_dir", str(out)])
+    with pytest.raises(UsageError, match="resumes user by user; give true"):
+        personalize.main([*common, "--output_dir", str(out), "--resume_from_checkpoint", str(out / "adapters")])
+
+    trained.clear()
+    monkeypatch.setattr(sft, "run_sft", stopping_at(None))
+    caplog.set_level(logging.INFO, logger="vltune")
+    summary = personalize.main([*common, "--output_dir", str(out), "--resume_from_checkpoint", "true"])
+    assert trained == ["3"]  # users 1-2 kept; user 3 continued from its checkpoint-1 to step 2
+    assert f"resuming from {out / 'adapters' / 'user_3' / 'checkpoint-1'} (global step 1)" in caplog.text
+    on_disk = json.loads((out / "personalize.json").read_text())
+    want = json.loads((tmp_path / "ref" / "personalize.json").read_text())
+    assert summary["kept_global"] == ref["kept_global"] and on_disk["kept_global"] == want["kept_global"]
+    for user in ("1", "2", "3"):
+        got, exp = on_disk["users"][user], want["users"][user]
+        for key in ("trained_on", "validation", "replayed", "steps", "val_accuracy_global", "val_accuracy_adapter"):
+            assert got[key] == exp[key], (user, key)
+        sub = "adapters" if got["adapter"] else "rejected"
+        assert (got["adapter"] or got["rejected_adapter"]) == str(out / sub / f"user_{user}")
+        mine = load_file(out / sub / f"user_{user}" / "adapter_model.safetensors")
+        theirs = load_file(tmp_path / "ref" / sub / f"user_{user}" / "adapter_model.safetensors")
+        assert all(torch.allclose(mine[k], theirs[k], atol=1e-6) for k in theirs)
+
+    # --workers: the parent stopped after worker 1 had finished user 2 (left in workers/worker_1/)
+    wout = tmp_path / "wout"
+    sub2 = "adapters" if want["users"]["2"]["adapter"] else "rejected"
+    shutil.copytree(tmp_path / "ref" / sub2 / "user_2", wout / "workers" / "worker_1" / sub2 / "user_2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    summary = personalize.main([*common, "--output_dir", str(wout), "--workers", "2", "--resume_from_checkpoint",
+                                "true"])
+    assert summary["workers"] == 2 and sorted(summary["users"]) == [1, 2, 3]
+    logs = {p.name: p.read_text() for p in (wout / "workers").glob("worker_*.log")}
+    assert sorted(logs) == ["worker_0.log", "worker_1.log"]
+    assert not any("[personalize] user 2 (" in t for t in logs.values())  # not trained again: the record it left
+    assert summary["users"][2]["seconds"] == want["users"]["2"]["seconds"]
+    record = json.loads((wout / sub2 / "user_2" / personalize.USER_RECORD).read_text())
+    assert (record["adapter"] or record["rejected_adapter"]) == str(wout / sub2 / "user_2")
+    for user in (1, 3):  # the workers' users: merged, and their records say where they are now
+        rec = summary["users"][user]
+        where = Path(rec["adapter"] or rec["rejected_adapter"])
+        assert where.parent.parent == wout
+        assert json.loads((where / personalize.USER_RECORD).read_text())["steps"] == rec["steps"]
 
 
 def test_frequent_app_baseline_asks_habit_rows_by_the_users_most_used_app():

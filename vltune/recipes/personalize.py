@@ -21,10 +21,14 @@ Two guards against an adapter that forgets the screen while it learns the user:
 
 --workers N trains N users at a time, in N processes that each load the global model once (one per CPU core,
 or one per GPU); every adapter is the one a single process would train, and the output is the same.
+A stopped run (Ctrl-C, a crash, a lost machine) continues with --resume_from_checkpoint true: users it finished
+are kept as they are, and a user it stopped in continues from its newest complete checkpoint (with
+--save_strategy no, from the start).
 
 Writes: adapters/user_<id>/ (adapter, processor, args.json, train.log, loss.png per user), rejected/,
 personalize.json (per user: samples, rows trained on / replayed / held out, both held-out scores, steps,
-final loss, seconds; kept_global) and README.md; with --workers, workers/worker_<k>.log.
+final loss, seconds; kept_global; each user's entry also in its directory as personalize_user.json, written when
+the user is done) and README.md; with --workers, workers/worker_<k>.log.
 Use them with `vltune eval grounding --model <base> --per_user_adapters <output_dir>` and
 `vltune infer --model <base> --per_user_adapters <output_dir> --dataset ...` (each row goes to its user's adapter).
 """
@@ -45,8 +49,10 @@ from pathlib import Path
 import torch
 
 from ..args import ModelArguments, SFTDataArguments, SFTTrainingArguments, TunerArguments, dump_config, parse_args
+from ..checkpoints import list_checkpoints
 from ..console import setup_logging
 from ..errors import UsageError
+from ..resume import wants_resume
 
 logger = logging.getLogger("vltune")
 
@@ -103,6 +109,43 @@ def _replay_rows(pool: list, n: int, seed: int, user: int) -> list:
         return []
     rng = random.Random(f"replay-{seed}-{user}")
     return rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
+
+
+USER_RECORD = "personalize_user.json"  # in adapters/ or rejected/user_<id>/: written once the user is done
+
+
+def _write_user_record(record: dict) -> None:
+    where = Path(record["adapter"] or record["rejected_adapter"])
+    (where / USER_RECORD).write_text(json.dumps(record, indent=2))
+
+
+def _finished_user(root: Path, user: int) -> dict | None:
+    """The personalize.json entry of a user a stopped run finished (None: not finished), its paths where the
+    user's directory is now."""
+    found = [(f.stat().st_mtime, sub, f) for sub in ("adapters", "rejected")
+             if (f := root / sub / f"user_{user}" / USER_RECORD).is_file()]
+    if not found:
+        return None
+    _, sub, f = max(found)
+    record = json.loads(f.read_text())
+    moved = dict(record, adapter=str(f.parent) if sub == "adapters" else None)
+    moved.pop("rejected_adapter", None)
+    if sub == "rejected":
+        moved["rejected_adapter"] = str(f.parent)
+    if moved != record:  # gathered from a worker's directory, or moved by hand: say where it is now
+        _write_user_record(moved)
+    return moved
+
+
+def _gather_finished(root: Path, wdir: Path) -> None:
+    """Move the users that a stopped --workers run's workers finished into root's adapters/ and rejected/."""
+    for worker in sorted(wdir.glob("worker_*")) if wdir.is_dir() else ():
+        for sub in ("adapters", "rejected"):
+            for d in sorted((worker / sub).iterdir()) if (worker / sub).is_dir() else ():
+                if (d / USER_RECORD).is_file():
+                    (root / sub).mkdir(exist_ok=True)
+                    shutil.rmtree(root / sub / d.name, ignore_errors=True)
+                    shutil.move(str(d), str(root / sub / d.name))
 
 
 def _read_rows(data: SFTDataArguments, p: PersonalizeArguments) -> tuple[list, list, list]:
@@ -212,9 +255,14 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: SFT
     if not users:
         raise UsageError(f"vltune personalize: no user of --users {data.users} has samples in {data.dataset}")
 
+    resuming = wants_resume(args.resume_from_checkpoint)
+    if resuming and args.resume_from_checkpoint not in (True, "true", "True"):
+        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: vltune personalize resumes user by "
+                         f"user; give true (finished users are kept, a stopped one continues from its newest "
+                         f"checkpoint)")
     if p.workers > 1 and len(users) > 1:
         dump_config((model_args, tuner, data, args, p), root / "args.json")
-        return _run_workers(root, users, missing, p, replay_pool)
+        return _run_workers(root, users, missing, p, replay_pool, resuming)
 
     t0 = time.time()
     model, processor, described = load_global(model_args, p.base)
@@ -227,6 +275,23 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: SFT
 
     summary = {"base": base_path, "users": {}, "skipped_users": missing, "kept_global": []}
     for i, user in enumerate(users, 1):
+        done = _finished_user(root, user) if resuming else None
+        if done is not None:
+            summary["users"][user] = done
+            if done["adapter"] is None:
+                summary["kept_global"].append(user)
+            logger.info("[personalize] user %d (%d/%d): finished by the stopped run, kept as it is (%s)", user, i,
+                        len(users), done["adapter"] or done["rejected_adapter"])
+            continue
+        user_dir = root / "adapters" / f"user_{user}"
+        user_resume = None
+        if resuming and user_dir.is_dir():
+            if any(c.complete for c in list_checkpoints(str(user_dir))):
+                user_resume = True  # run_sft says which checkpoint it continues from
+            else:  # stopped before its first complete checkpoint
+                logger.info("[personalize] user %d: the stopped run left no complete checkpoint in %s; trained "
+                            "again from the start", user, user_dir)
+                shutil.rmtree(user_dir)
         own, val = split_holdout_groups(by_user[user], p.guard_ratio, args.seed + user,
                                         key=lambda s: str(s.images[0]) if s.images else s.where)
         replay = _replay_rows(replay_pool, round(p.replay_ratio * len(own)), args.seed, user)
@@ -234,7 +299,7 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: SFT
                     len(by_user[user]), len(own), f" + {len(replay)} replayed" if replay else "",
                     f", {len(val)} held out for the guard" if val else "")
         global_val = _click_accuracy(model, processor, val, convention) if val else None
-        user_args = replace(args, output_dir=str(root / "adapters" / f"user_{user}"))
+        user_args = replace(args, output_dir=str(user_dir), resume_from_checkpoint=user_resume)
         t_user = time.time()
         result = run_sft(replace(model_args, model=p.base or model_args.model), tuner,
                          replace(data, users=str(user)), user_args, model=model, processor=processor,
@@ -266,6 +331,7 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: SFT
             logger.info("[personalize] user %d: held-out click accuracy %.1f%% (global %.1f%%)", user,
                         100 * adapter_val, 100 * global_val)
         record["seconds"] = round(time.time() - t_user, 1)
+        _write_user_record(record)
         summary["users"][user] = record
     summary["total_seconds"] = round(time.time() - t0, 1)
     return _finish(root, summary, users)
@@ -299,17 +365,26 @@ def _worker_env(k: int, workers: int) -> dict:
     return env
 
 
-def _run_workers(root: Path, users: list, skipped: list, p: PersonalizeArguments, replay_pool: list) -> dict:
-    """--workers N: N `vltune personalize` processes, worker k on users[k::N], each into workers/worker_<k>/ with
-    the resolved arguments of this run (args.json); then their adapters, rejected/ and summaries are merged here.
-    Training, the guard and the seeds are per user, so an adapter does not depend on which worker trained it."""
+def _run_workers(root: Path, users: list, skipped: list, p: PersonalizeArguments, replay_pool: list,
+                 resuming: bool = False) -> dict:
+    """--workers N: N `vltune personalize` processes, worker k on every N-th user still to train from the k-th on,
+    each into workers/worker_<k>/ with the resolved arguments of this run (args.json); then their adapters,
+    rejected/ and summaries are merged here. Training, the guard and the seeds are per user, so an adapter does
+    not depend on which worker trained it. Resuming, the users a stopped run's workers finished are merged first."""
     t0 = time.time()
-    shards = [users[k::p.workers] for k in range(p.workers) if users[k::p.workers]]
+    wdir = root / "workers"
+    finished: dict = {}
+    if resuming:  # users the stopped run finished stay as they are; the workers share out the others
+        _gather_finished(root, wdir)
+        finished = {u: rec for u in users if (rec := _finished_user(root, u)) is not None}
+        if finished:
+            logger.info("[personalize] user(s) %s: finished by the stopped run, kept as they are", list(finished))
+    todo = [u for u in users if u not in finished]
+    shards = [todo[k::p.workers] for k in range(p.workers) if todo[k::p.workers]]
     # `others` means every user but the whole --users, not but a worker's share: name them for the workers
     replay = p.replay_users or "none"
     if replay.strip().lower() == "others":
         replay = ",".join(str(u) for u in sorted({int(s.extra["user"]) for s in replay_pool})) or "none"
-    wdir = root / "workers"
     shutil.rmtree(wdir, ignore_errors=True)
     wdir.mkdir()
     procs = []
@@ -331,8 +406,11 @@ def _run_workers(root: Path, users: list, skipped: list, p: PersonalizeArguments
     if failed:
         tail = "\n".join(failed[0][1].read_text(errors="replace").splitlines()[-15:])
         raise RuntimeError(f"personalize worker(s) {[k for k, _ in failed]} failed (logs: "
-                           f"{', '.join(str(log) for _, log in failed)}); the end of worker {failed[0][0]}'s:\n{tail}")
-    summary: dict = {"base": None, "users": {}, "skipped_users": skipped, "kept_global": [], "workers": len(shards)}
+                           f"{', '.join(str(log) for _, log in failed)}; --resume_from_checkpoint true keeps the "
+                           f"users they finished); the end of worker {failed[0][0]}'s:\n{tail}")
+    summary: dict = {"base": p.base, "users": {str(u): rec for u, rec in finished.items()}, "skipped_users": skipped,
+                     "kept_global": [u for u, rec in finished.items() if rec["adapter"] is None],
+                     "workers": len(shards)}
     for k, _log, _proc in procs:
         part_dir = wdir / f"worker_{k}"
         part = json.loads((part_dir / "personalize.json").read_text())
@@ -349,6 +427,7 @@ def _run_workers(root: Path, users: list, skipped: list, p: PersonalizeArguments
                 if record.get(key):
                     where = Path(record[key])
                     record[key] = str(root / where.parent.name / where.name)
+            _write_user_record(record)  # its copy in the user's directory says where that directory is now
             summary["users"][user] = record
         summary["kept_global"] += part["kept_global"]
         shutil.rmtree(part_dir)
