@@ -375,7 +375,8 @@ class _Parser(HfArgumentParser):
         flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
         typos = [w.split("=")[0] for w in message.split() if w.startswith("--") and w not in flags] \
             if message.startswith("unrecogni") else []
-        sft_only = [w for w in typos if w[2:].replace("-", "_") in _sft_only_data_fields()]
+        sft_fields = _sft_only_data_fields()
+        sft_only = [w for w in typos if w[2:].replace("-", "_") in sft_fields]
         close = [m for w in typos if w not in sft_only for m in difflib.get_close_matches(w, flags, n=1)]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         if sft_only:  # grpo given --packing & co.: say why, not a look-alike flag

@@ -20,6 +20,11 @@ def wants_resume(value) -> bool:
     return value not in (None, "", False, "false", "False")
 
 
+def resumes_newest(value) -> bool:
+    """Whether a --resume_from_checkpoint value means `true`: the newest complete checkpoint of the run."""
+    return value in (True, "true", "True")
+
+
 def resume_checkpoint(value, output_dir: str) -> str | None:
     """The checkpoint directory to resume from (None: start fresh). `true` = the newest COMPLETE checkpoint-N
     in `output_dir` (vltune.checkpoints: its marker was written last); an incomplete one (a run killed while
@@ -29,7 +34,7 @@ def resume_checkpoint(value, output_dir: str) -> str | None:
 
     if not wants_resume(value):
         return None
-    if value in (True, "true", "True"):
+    if resumes_newest(value):
         ckpts = list_checkpoints(output_dir)
         complete = [c for c in ckpts if c.complete]
         chosen = complete[-1] if complete else None

@@ -52,7 +52,7 @@ from ..args import ModelArguments, SFTDataArguments, SFTTrainingArguments, Tuner
 from ..checkpoints import list_checkpoints
 from ..console import setup_logging
 from ..errors import UsageError
-from ..resume import wants_resume
+from ..resume import resumes_newest, wants_resume
 
 logger = logging.getLogger("vltune")
 
@@ -137,15 +137,16 @@ def _finished_user(root: Path, user: int) -> dict | None:
     return moved
 
 
-def _gather_finished(root: Path, wdir: Path) -> None:
-    """Move the users that a stopped --workers run's workers finished into root's adapters/ and rejected/."""
-    for worker in sorted(wdir.glob("worker_*")) if wdir.is_dir() else ():
-        for sub in ("adapters", "rejected"):
-            for d in sorted((worker / sub).iterdir()) if (worker / sub).is_dir() else ():
-                if (d / USER_RECORD).is_file():
-                    (root / sub).mkdir(exist_ok=True)
-                    shutil.rmtree(root / sub / d.name, ignore_errors=True)
-                    shutil.move(str(d), str(root / sub / d.name))
+def _move_user_dirs(worker: Path, root: Path, finished_only: bool = False) -> None:
+    """Move a worker's adapters/ and rejected/user_<id> directories into root's (with finished_only, only those
+    of users it finished). Root's old dir of the same user is replaced: a move onto it would nest inside."""
+    for sub in ("adapters", "rejected"):
+        for d in sorted((worker / sub).iterdir()) if (worker / sub).is_dir() else ():
+            if finished_only and not (d / USER_RECORD).is_file():
+                continue
+            (root / sub).mkdir(exist_ok=True)
+            shutil.rmtree(root / sub / d.name, ignore_errors=True)
+            shutil.move(str(d), str(root / sub / d.name))
 
 
 def _read_rows(data: SFTDataArguments, p: PersonalizeArguments) -> tuple[list, list, list]:
@@ -256,7 +257,7 @@ def run_personalize(model_args: ModelArguments, tuner: TunerArguments, data: SFT
         raise UsageError(f"vltune personalize: no user of --users {data.users} has samples in {data.dataset}")
 
     resuming = wants_resume(args.resume_from_checkpoint)
-    if resuming and args.resume_from_checkpoint not in (True, "true", "True"):
+    if resuming and not resumes_newest(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: vltune personalize resumes user by "
                          f"user; give true (finished users are kept, a stopped one continues from its newest "
                          f"checkpoint)")
@@ -375,7 +376,8 @@ def _run_workers(root: Path, users: list, skipped: list, p: PersonalizeArguments
     wdir = root / "workers"
     finished: dict = {}
     if resuming:  # users the stopped run finished stay as they are; the workers share out the others
-        _gather_finished(root, wdir)
+        for worker in sorted(wdir.glob("worker_*")) if wdir.is_dir() else ():
+            _move_user_dirs(worker, root, finished_only=True)
         finished = {u: rec for u in users if (rec := _finished_user(root, u)) is not None}
         if finished:
             logger.info("[personalize] user(s) %s: finished by the stopped run, kept as they are", list(finished))
@@ -415,13 +417,7 @@ def _run_workers(root: Path, users: list, skipped: list, p: PersonalizeArguments
         part_dir = wdir / f"worker_{k}"
         part = json.loads((part_dir / "personalize.json").read_text())
         summary["base"] = part["base"]
-        for sub in ("adapters", "rejected"):
-            if (part_dir / sub).is_dir():
-                (root / sub).mkdir(exist_ok=True)
-                for d in sorted((part_dir / sub).iterdir()):
-                    # a resumed run keeps root's old user dirs: replace them (a move onto one would nest inside)
-                    shutil.rmtree(root / sub / d.name, ignore_errors=True)
-                    shutil.move(str(d), str(root / sub / d.name))
+        _move_user_dirs(part_dir, root)
         for user, record in part["users"].items():
             for key in ("adapter", "rejected_adapter"):  # .../worker_<k>/<sub>/user_<id> -> root/<sub>/user_<id>
                 if record.get(key):

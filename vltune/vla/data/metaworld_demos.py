@@ -96,8 +96,9 @@ def _load_partial(partial: Path, settings: dict, tasks: list[str]) -> list[dict]
 
 
 def _save_partial(partial: Path, settings: dict, task: str, record: dict) -> None:
-    partial.mkdir(parents=True, exist_ok=True)
-    (partial / "settings.json").write_text(json.dumps(settings, indent=1))
+    if not (partial / "settings.json").is_file():  # written with the first finished task
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "settings.json").write_text(json.dumps(settings, indent=1))
     tmp = partial / f"{task}.pkl.tmp"
     with tmp.open("wb") as fh:
         pickle.dump(record, fh, protocol=pickle.HIGHEST_PROTOCOL)
