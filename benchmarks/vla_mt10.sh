@@ -6,6 +6,7 @@
 #   bash benchmarks/vla_mt10.sh [workdir]              main recipe + no-image row  (needs: pip install -e '.[vla]';
 #   ABLATIONS=1 bash benchmarks/vla_mt10.sh [workdir]  + cameras, window, chunk     apt-get install libosmesa6)
 #   SMOKE=1 bash benchmarks/vla_mt10.sh [workdir]      2 tasks, a few demos/steps/episodes (what CI runs)
+#   SIZE=128 STEPS=4000 DEMOS=100 bash ...             image size (px), training steps, demos per task
 #   ONLY=chunk1,privileged_goal ABLATIONS=1 PRIVILEGED=1 bash benchmarks/vla_mt10.sh [workdir]
 #                                                      only the rows named (same demos, same seeds)
 #
@@ -31,8 +32,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
   TASKS=reach-v3,drawer-close-v3 DEMOS=3 VAL=1 STEPS=20 EPISODES=2 BUDGET=30 SIZE=64 DEMO_STEPS=150
   MODEL=(--tiny_size xs)
 else
-  TASKS=mt10 DEMOS=${DEMOS:-30} VAL=3 STEPS=${STEPS:-8000} EPISODES=${EPISODES:-20} BUDGET=${BUDGET:-300} SIZE=96
-  DEMO_STEPS=300 MODEL=()
+  TASKS=mt10 DEMOS=${DEMOS:-30} VAL=3 STEPS=${STEPS:-8000} EPISODES=${EPISODES:-20} BUDGET=${BUDGET:-300}
+  SIZE=${SIZE:-96} DEMO_STEPS=300 MODEL=()
 fi
 # The rows this run can have; ONLY= picks some of them, checked here, before anything is recorded or trained.
 ONLY=${ONLY:-}
@@ -51,7 +52,7 @@ MAIN_CAM=${MAIN_CAM:-corner} CAMS=${CAMS:-corner,topview}
 # The cameras the rows need are rendered once; the trajectories (seeds, expert, action noise) do not depend on them.
 DEMO_CAMS=$MAIN_CAM
 if [ "${ABLATIONS:-0}" = 1 ] && wanted cameras; then DEMO_CAMS=$CAMS; fi
-D="$W/demos_${DEMO_CAMS//,/+}"
+D="$W/demos_${DEMO_CAMS//,/+}_${SIZE}px"  # recorded, trained and evaluated at SIZE px
 [ -f "$D/metaworld_demos.json" ] || timed demos python -m vltune.vla.data.metaworld_demos --tasks "$TASKS" \
   --episodes "$DEMOS" --val_episodes "$VAL" --image_size "$SIZE" --cameras "$DEMO_CAMS" --max_steps "$DEMO_STEPS" \
   --state proprio+goal --out "$D"
@@ -80,16 +81,16 @@ row() {  # row NAME DESCRIPTION train-flags...: train on $D and evaluate on the 
 }
 HONEST=(--state_dims 0,1,2,3)  # proprio only: the demos' state columns 4-6 are the simulator's goal position
 
-row images "images ($MAIN_CAM), window 1, chunk 4" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
+row images "images ($MAIN_CAM, $SIZE px), window 1, chunk 4" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
 row no_images "no images (instruction + proprio)" --use_images false --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
 if [ "${ABLATIONS:-0}" = 1 ]; then
-  row cameras "images ($CAMS), window 1, chunk 4" --cameras "$CAMS" --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
-  row window4 "images ($MAIN_CAM), window 4, chunk 4" --cameras "$MAIN_CAM" --window_size 4 --fwd_pred_next_n 4 "${HONEST[@]}"
-  row chunk1 "images ($MAIN_CAM), window 1, chunk 1" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 1 "${HONEST[@]}"
-  row chunk8 "images ($MAIN_CAM), window 1, chunk 8" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 8 "${HONEST[@]}"
+  row cameras "images ($CAMS, $SIZE px), window 1, chunk 4" --cameras "$CAMS" --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
+  row window4 "images ($MAIN_CAM, $SIZE px), window 4, chunk 4" --cameras "$MAIN_CAM" --window_size 4 --fwd_pred_next_n 4 "${HONEST[@]}"
+  row chunk1 "images ($MAIN_CAM, $SIZE px), window 1, chunk 1" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 1 "${HONEST[@]}"
+  row chunk8 "images ($MAIN_CAM, $SIZE px), window 1, chunk 8" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 8 "${HONEST[@]}"
 fi
 if [ "${PRIVILEGED:-0}" = 1 ]; then
-  row privileged_goal "images ($MAIN_CAM) + the goal position (PRIVILEGED)" --cameras "$MAIN_CAM" --window_size 1 \
+  row privileged_goal "images ($MAIN_CAM, $SIZE px) + the goal position (PRIVILEGED)" --cameras "$MAIN_CAM" --window_size 1 \
     --fwd_pred_next_n 4 --state_dims all
 fi
 for pid in $(jobs -p); do wait "$pid"; done  # a row that failed stops the script here, with its log named above

@@ -232,6 +232,8 @@ def test_mt10_benchmark_smoke(metaworld_env, tmp_path):
     md = (tmp_path / "w" / "results.md").read_text()
     assert "| reach | drawer-close | mean |" in md and "no images" in md
     assert list((tmp_path / "w" / "images" / "eval" / "videos").glob("reach-v3_ep*_*.gif"))
+    # the demos' directory names the image size, so a run at another SIZE records its own
+    assert [p.name for p in (tmp_path / "w").glob("demos_*")] == ["demos_corner_64px"]
     # ONLY= adds a row to the finished run on the same demos (not recorded again); a name of no row is exit 2
     proc = subprocess.run(["bash", str(root / "benchmarks" / "vla_mt10.sh"), str(tmp_path / "w")], cwd=root,
                           env={**env, "ONLY": "privileged_goal", "PRIVILEGED": "1"}, capture_output=True, text=True,

@@ -39,7 +39,8 @@ MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3"
         "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3")
 # What the policy's state vector holds, taken from Meta-World's 39-dim observation. `proprio` is what a real
 # robot knows about itself (hand xyz, gripper opening); the goal position is known only to the simulator
-# (reach-v3's target is invisible in every camera), so `proprio+goal` is privileged and named so in reports.
+# (reach-v3's target is a sphere of 1-2 px at 96 px in `corner`, and `topview` cannot show its height), so
+# `proprio+goal` is privileged and named so in reports.
 STATE_LAYOUTS = {
     "proprio": (0, 1, 2, 3),
     "proprio+goal": (0, 1, 2, 3, 36, 37, 38),
