@@ -80,17 +80,18 @@ row() {  # row NAME DESCRIPTION train-flags...: train on $D and evaluate on the 
   ROWS+=("$name=$desc")
 }
 HONEST=(--state_dims 0,1,2,3)  # proprio only: the demos' state columns 4-6 are the simulator's goal position
+IMAGES="images ($MAIN_CAM, $SIZE px)"  # the label of every row that reads the main camera
 
-row images "images ($MAIN_CAM, $SIZE px), window 1, chunk 4" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
+row images "$IMAGES, window 1, chunk 4" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
 row no_images "no images (instruction + proprio)" --use_images false --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
 if [ "${ABLATIONS:-0}" = 1 ]; then
   row cameras "images ($CAMS, $SIZE px), window 1, chunk 4" --cameras "$CAMS" --window_size 1 --fwd_pred_next_n 4 "${HONEST[@]}"
-  row window4 "images ($MAIN_CAM, $SIZE px), window 4, chunk 4" --cameras "$MAIN_CAM" --window_size 4 --fwd_pred_next_n 4 "${HONEST[@]}"
-  row chunk1 "images ($MAIN_CAM, $SIZE px), window 1, chunk 1" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 1 "${HONEST[@]}"
-  row chunk8 "images ($MAIN_CAM, $SIZE px), window 1, chunk 8" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 8 "${HONEST[@]}"
+  row window4 "$IMAGES, window 4, chunk 4" --cameras "$MAIN_CAM" --window_size 4 --fwd_pred_next_n 4 "${HONEST[@]}"
+  row chunk1 "$IMAGES, window 1, chunk 1" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 1 "${HONEST[@]}"
+  row chunk8 "$IMAGES, window 1, chunk 8" --cameras "$MAIN_CAM" --window_size 1 --fwd_pred_next_n 8 "${HONEST[@]}"
 fi
 if [ "${PRIVILEGED:-0}" = 1 ]; then
-  row privileged_goal "images ($MAIN_CAM, $SIZE px) + the goal position (PRIVILEGED)" --cameras "$MAIN_CAM" --window_size 1 \
+  row privileged_goal "$IMAGES + the goal position (PRIVILEGED)" --cameras "$MAIN_CAM" --window_size 1 \
     --fwd_pred_next_n 4 --state_dims all
 fi
 for pid in $(jobs -p); do wait "$pid"; done  # a row that failed stops the script here, with its log named above
